@@ -1,0 +1,41 @@
+"""The study's tasks: first-order logic (`fol`) and GSM8K math (`gsm8k`).
+
+Each task module provides a `TASK` (instructions, toolset per problem, checker, a worked
+example) and `reference_calls(problem)`, a correct chain of calls derived from the ground
+truth. `replay_references` runs those chains through the real agent and executor.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fclib.agent import AgentConfig, Chain, Task, run_chains
+from fclib.llm import ScriptedBackend
+from fclib.problems import Problem
+from fclib.protocol import format_call
+from fclib.tasks import gsm8k
+
+TASKS: dict[str, Task] = {gsm8k.NAME: gsm8k.TASK}
+_REFERENCE = {gsm8k.NAME: gsm8k.reference_calls}
+REFERENCE_MODEL = "reference"
+
+
+def reference_script(problem: Problem) -> list[str]:
+    """The reference chain of a problem as the text of its calls; ValueError if there is none."""
+    return [format_call(name, kwargs) for name, kwargs in _REFERENCE[problem.task](problem)]
+
+
+def replay_references(problems: Sequence[Problem], progress: bool = False) -> list[Chain]:
+    """Replay each problem's reference chain through the agent; a problem without one gets an `error` chain."""
+    scripts, chains = {}, []
+    for p in problems:
+        try:
+            scripts[p.question] = reference_script(p)
+        except ValueError as e:
+            chains.append(Chain(p.id, p.task, 0, REFERENCE_MODEL, [], 0, outcome="error", reason=str(e)))
+    have = [p for p in problems if p.question in scripts]
+    steps = max((len(s) for s in scripts.values()), default=1)
+    config = AgentConfig(max_steps=steps + 1, max_retries=0, max_chain_tokens=10**9)
+    chains += run_chains(ScriptedBackend(scripts, REFERENCE_MODEL), TASKS, have, config, progress=progress)
+    order = {p.id: i for i, p in enumerate(problems)}
+    return sorted(chains, key=lambda c: order[c.problem_id])

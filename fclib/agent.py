@@ -47,6 +47,10 @@ class Task:
     # A worked example as chat turns (user question, assistant calls, results), placed before
     # the problem: small models follow a demonstrated exchange far better than a description.
     demo: tuple[Message, ...] = ()
+    # The final answer alone equals the gold one, whether or not the chain derived it. Where
+    # `check` also verifies the derivation (FOL), both labels are recorded: a guess that is
+    # right by luck is `answer_correct` but not `correct`.
+    answer_check: Callable[[Problem, Any], bool] | None = None
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Chain:
     calls: list[dict[str, Any]] = field(default_factory=list)
     final_answer: Any = None
     correct: bool = False
+    answer_correct: bool = False
     outcome: str | None = None
     reason: str = ""
     steps: int = 0
@@ -233,7 +238,10 @@ class _State:
         if execution.ok and execution.final:
             chain.final_answer = execution.value
             chain.correct = bool(self.task.check(self.problem, execution.value, chain.calls))
-            self.finish("correct" if chain.correct else "wrong_answer")
+            answer_check = self.task.answer_check
+            chain.answer_correct = bool(answer_check(self.problem, execution.value)) if answer_check else chain.correct
+            reason = "right answer, not derived from the facts" if chain.answer_correct and not chain.correct else ""
+            self.finish("correct" if chain.correct else "wrong_answer", reason)
             return
         feedback = _feedback(execution, parsed)
         if native:

@@ -128,7 +128,7 @@ class LocalBackend:
             ended = n < len(row)
             text = tok.decode(row[:n], skip_special_tokens=True)
             cut = _cut_at_stop(text, settings.stop)
-            finish = "stop" if ended or cut is not None else "length"
+            finish = "stop" if ended or cut is not None or n < settings.max_tokens else "length"
             replies.append(
                 Reply(
                     text=cut if cut is not None else text,

@@ -67,6 +67,7 @@ def parse_call(text: str, known: set[str] | frozenset[str] | None = None) -> Par
             continue
         end = _closing_paren(scan, m.end() - 1)
         if end is None:
+            errors.append((m.group(1), CallSyntaxError(f"the call to {m.group(1)} is unclosed or too long")))
             continue
         try:
             call = _parse_candidate(scan, m.start(), m.end() - 1, end)

@@ -19,8 +19,9 @@ from fclib.protocol import ParsedCall, format_call
 # the tasks and a model asking for them (power(10, 10**9)) would stall or exhaust the machine.
 MAX_ABS_NUMBER = 1e15
 MAX_STRING = 200
-_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
-_TYPE_WORDS = {int: "integer", float: "number", bool: "True or False", str: "string"}
+MAX_LIST = 100
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list of booleans"}
+_TYPE_WORDS = {int: "integer", float: "number", bool: "True or False", str: "string", list: "list of True/False"}
 
 
 class ToolError(Exception):
@@ -32,7 +33,7 @@ class Param:
     """One typed parameter; `float` accepts integers too, `choices` restricts values."""
 
     name: str
-    type: type
+    type: type | tuple[type, ...]  # bool, int, float, str, list (of booleans), or a tuple of these
     description: str = ""
     minimum: float | None = None
     maximum: float | None = None
@@ -40,6 +41,19 @@ class Param:
 
     def check(self, value: Any) -> Any:
         """Return the value converted to this parameter's type, or raise ToolError."""
+        if isinstance(self.type, tuple):
+            for t in self.type:
+                if (t is list) == isinstance(value, list):
+                    return Param(self.name, t, self.description, self.minimum, self.maximum, self.choices).check(value)
+            raise ToolError(f"{self.name} must be {self.type_text()}, got {_show(value)}")
+        if self.type is list:
+            if not isinstance(value, list):
+                raise ToolError(f"{self.name} must be a list of True/False, got {_show(value)}")
+            if len(value) > MAX_LIST:
+                raise ToolError(f"{self.name} has too many items ({len(value)}, limit {MAX_LIST})")
+            if not all(isinstance(v, bool) for v in value):
+                raise ToolError(f"{self.name} must hold only True or False, got {_show(value)}")
+            return list(value)
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ToolError(f"{self.name} must be True or False, got {_show(value)}")
@@ -70,9 +84,16 @@ class Param:
             raise ToolError(f"{self.name} must be one of {shown}{more}; got {_show(value)}")
         return value
 
+    def type_text(self) -> str:
+        """`number`, `boolean or list of booleans`, ..."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " or ".join(_JSON_TYPES[t] for t in types)
+
     def schema(self) -> dict[str, Any]:
         """JSON schema of this parameter."""
-        out: dict[str, Any] = {"type": _JSON_TYPES[self.type]}
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        alts = [{"type": "array", "items": {"type": "boolean"}} if t is list else {"type": _JSON_TYPES[t]} for t in types]
+        out: dict[str, Any] = alts[0] if len(alts) == 1 else {"anyOf": alts}
         if self.description:
             out["description"] = self.description
         if self.minimum is not None:
@@ -111,7 +132,7 @@ class Function:
 
     def signature(self) -> str:
         """`name(a: number, b: number)`."""
-        params = ", ".join(f"{p.name}: {_JSON_TYPES[p.type]}" for p in self.params)
+        params = ", ".join(f"{p.name}: {p.type_text()}" for p in self.params)
         return f"{self.name}({params})"
 
     def bind(self, call: ParsedCall) -> dict[str, Any]:
@@ -227,6 +248,8 @@ class Toolset:
 
 
 def _check_result(value: Any) -> None:
+    if isinstance(value, complex):
+        raise ToolError("the result is not a real number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ToolError("the result is not a finite number")

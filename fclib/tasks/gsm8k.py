@@ -140,15 +140,26 @@ def to_problem(record: dict[str, Any], split: str, index: int) -> Problem:
     )
 
 
+def default_source() -> str:
+    """$FCLIB_GSM8K, else the shared local copy beside the project when present, else the hub id."""
+    import os
+
+    from fclib.runs import PROJECT_ROOT
+
+    local = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k"
+    return os.environ.get("FCLIB_GSM8K") or (str(local) if (local / "train.jsonl").is_file() else HUB_ID)
+
+
 def load(split: str = "train", source: str | Path | None = None) -> list[Problem]:
     """GSM8K problems of a split, from a local folder of `{split}.jsonl` files or the hub."""
-    if source is not None and Path(source).is_dir():
+    source = source or default_source()
+    if Path(source).is_dir():
         path = Path(source) / f"{split}.jsonl"
         records = list(_read_jsonl(path))
     else:
         from datasets import load_dataset
 
-        records = list(load_dataset(str(source or HUB_ID), "main", split=split))
+        records = list(load_dataset(str(source), "main", split=split))
     return [to_problem(r, split, i) for i, r in enumerate(records)]
 
 

@@ -1,0 +1,119 @@
+"""The study as one papermill pipeline: `python -m fclib.pipeline --profile NAME`.
+
+Runs the numbered notebooks in order into `outputs/<run_name>/notebooks/`, passing one set of
+parameters to all of them (each notebook receives the ones its `parameters` cell declares),
+and stops at the first failing notebook. Writes `params.yaml` and `env.json` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fclib.runs import PROJECT_ROOT, run_dir
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+PROFILES = PROJECT_ROOT / "profiles"
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "openai", "papermill", "sympy")
+log = logging.getLogger(__name__)
+
+
+def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters of a profile (profiles/NAME.yaml) with overrides applied; unknown names refused."""
+    path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise SystemExit(f"no profile {name!r}; the profiles are: {known}")
+    params = yaml.safe_load(path.read_text()) or {}
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise SystemExit(f"unknown parameter {key!r}; profile {name} has: {', '.join(params)}")
+        if params[key] is not None and value is not None and type(value) is not type(params[key]):
+            if not (isinstance(params[key], float) and isinstance(value, int)):
+                raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got {value!r}")
+        params[key] = value
+    return params
+
+
+def notebooks(start: str | None = None) -> list[Path]:
+    """The numbered notebooks in order, from `start` (e.g. '03') on."""
+    found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if start:
+        found = [p for p in found if p.name[:2] >= start.zfill(2)]
+    if not found:
+        raise SystemExit(f"no notebooks to run in {NOTEBOOKS}" + (f" from {start}" if start else ""))
+    return found
+
+
+def environment() -> dict[str, Any]:
+    """Package versions and device of this run."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device, "packages": versions}
+
+
+def run(params: dict[str, Any], start: str | None = None) -> Path:
+    """Execute the notebooks with papermill; returns the run folder."""
+    import papermill as pm
+
+    out = run_dir(params["run_name"])
+    (out / "notebooks").mkdir(exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (out / "env.json").write_text(json.dumps(environment(), indent=2))
+    for nb in notebooks(start):
+        declared = pm.inspect_notebook(str(nb))
+        given = {k: v for k, v in params.items() if k in declared}
+        target = out / "notebooks" / nb.name
+        log.info("running %s", nb.name)
+        try:
+            pm.execute_notebook(str(nb), str(target), parameters=given, cwd=str(NOTEBOOKS), progress_bar=False)
+        except pm.PapermillExecutionError as e:
+            raise SystemExit(
+                f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                f"the executed notebook is at {target}"
+            ) from None
+    return out
+
+
+def _value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fclib.pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu", help="profiles/NAME.yaml (smoke, cpu, ...)")
+    ap.add_argument("--run-name", help="folder under outputs/ (default: the profile's run_name)")
+    ap.add_argument("--from", dest="start", help="start at notebook NN, reusing earlier results of the run")
+    ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"-p expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _value(value)
+    if args.run_name:
+        overrides["run_name"] = args.run_name
+    params = load_profile(args.profile, overrides)
+    out = run(params, args.start)
+    print(f"done: the results of run {params['run_name']!r} are in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The pipeline: profiles, parameter checks, and the smoke profile end to end through papermill."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fclib import pipeline
+from fclib.problems import read_problems
+
+
+def test_profiles_parse_and_share_their_parameters():
+    cpu, smoke = pipeline.load_profile("cpu"), pipeline.load_profile("smoke")
+    assert set(cpu) == set(smoke) and cpu["student"] == "embedded" and smoke["student"] == "tiny"
+
+
+def test_bad_parameters_fail_at_once():
+    with pytest.raises(SystemExit, match="unknown parameter 'nmx'"):
+        pipeline.load_profile("smoke", {"nmx": 3})
+    with pytest.raises(SystemExit, match="must be int"):
+        pipeline.load_profile("smoke", {"seed": "zero"})
+    with pytest.raises(SystemExit, match="no profile 'gpu9'"):
+        pipeline.load_profile("gpu9")
+
+
+def test_notebook_parameters_match_the_profiles():
+    import papermill as pm
+
+    params = pipeline.load_profile("cpu")
+    for nb in pipeline.notebooks():
+        declared = pm.inspect_notebook(str(nb))
+        assert "run_name" in declared and "seed" in declared
+        assert set(declared) <= set(params), f"{nb.name} declares parameters no profile sets"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    env = {"FCLIB_OUTPUTS": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    import os
+
+    env = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--run-name", "t1"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "t1"
+    assert f"are in {run}" in proc.stdout
+    assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "t1"
+    assert "packages" in json.loads((run / "env.json").read_text())
+    for nb in pipeline.notebooks():
+        assert (run / "notebooks" / nb.name).is_file()
+    train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")
+    assert len(train) == 12 and len(test) == 8
+    assert (run / "figures" / "gsm8k_reference_coverage.png").stat().st_size > 1000

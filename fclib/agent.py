@@ -281,6 +281,20 @@ def _feedback(execution: Execution, parsed: ParsedCall | None) -> str:
     return text
 
 
+def demo_messages(question: str, toolset: Toolset, calls: Sequence[str]) -> tuple[Message, ...]:
+    """A worked example as chat turns: the question, then each call with the result it really gives."""
+    turns: list[Message] = [{"role": "user", "content": question}]
+    for text in calls:
+        parsed = parse_call(text, set(toolset.functions))
+        execution = toolset.execute(parsed)
+        if not execution.ok:
+            raise ValueError(f"demonstration call {text} fails: {execution.error}")
+        turns.append({"role": "assistant", "content": text})
+        if not execution.final:  # after the final call comes the problem: roles keep alternating
+            turns.append({"role": "user", "content": _feedback(execution, parsed)})
+    return tuple(turns)
+
+
 def outcome_counts(chains: Sequence[Chain]) -> dict[str, int]:
     """Number of chains per outcome, every outcome listed."""
     counts = {o: 0 for o in OUTCOMES}

@@ -121,3 +121,24 @@ def test_missing_task_is_a_clear_error(queue_backend):
 def test_bad_config():
     with pytest.raises(ValueError):
         AgentConfig(max_steps=0)
+
+
+def test_prompts_alternate_roles_for_strict_chat_templates(queue_backend):
+    from fclib.tasks import fol
+
+    for task, problem in ((TASK, PROBLEM), (fol.TASK, fol.generate(1, seed=0)[0])):
+        backend = queue_backend(["nonsense", "final_answer(value=8)"])
+        run_chains(backend, task, [problem], AgentConfig(max_steps=2), progress=False)
+        roles = [m["role"] for m in backend.sent[1]]
+        assert roles[0] == "system" and roles[1] == "user"
+        assert all(a != b for a, b in zip(roles[1:], roles[2:])), roles
+
+
+def test_demonstration_results_are_computed_by_the_toolset():
+    from fclib.agent import demo_messages
+    from fclib.tasks.gsm8k import TOOLSET
+
+    turns = demo_messages("q?", TOOLSET, ["add(a=2, b=3)", "final_answer(value=5)"])
+    assert [t["content"] for t in turns] == ["q?", "add(a=2, b=3)", "Result: 5", "final_answer(value=5)"]
+    with pytest.raises(ValueError, match="division by zero"):
+        demo_messages("q?", TOOLSET, ["divide(a=1, b=0)"])

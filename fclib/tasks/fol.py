@@ -23,8 +23,9 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from fclib.agent import Task
+from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
+from fclib.protocol import format_call
 from fclib.tools import Example, Function, Param, ToolError, Toolset
 
 NAME = "fol"
@@ -283,20 +284,14 @@ INSTRUCTIONS = (
     "look up the facts with truth_values or holds, combine them with the logical functions, "
     "apply the quantifier with for_all or exists, then give the result with answer."
 )
-DEMO = (
-    {"role": "user", "content": "The world has 3 individuals and the predicates cold, blue. Is the following statement true or "
-                                "false? In words: for every individual x, if x is cold then x is blue. "
-                                "In symbols: ∀x (cold(x) → blue(x))"},
-    {"role": "assistant", "content": "truth_values(predicate='cold')"},
-    {"role": "user", "content": "Result: [True, False, True]"},
-    {"role": "assistant", "content": "truth_values(predicate='blue')"},
-    {"role": "user", "content": "Result: [True, True, False]"},
-    {"role": "assistant", "content": "implies(a=[True, False, True], b=[True, True, False])"},
-    {"role": "user", "content": "Result: [True, True, False]"},
-    {"role": "assistant", "content": "for_all(values=[True, True, False])"},
-    {"role": "user", "content": "Result: False"},
-    {"role": "assistant", "content": "answer(value=False)"},
-    {"role": "user", "content": "The chain is finished. Next problem."},
+_DEMO_PROBLEM = make_problem(
+    "fol-demo", ["ann", "ben", "cat"], {"cold": ["ann", "cat"], "blue": ["ann", "ben"]},
+    ["forall", ["implies", ["atom", "cold"], ["atom", "blue"]]],
 )  # fmt: skip
+DEMO = demo_messages(
+    _DEMO_PROBLEM.question,
+    toolset(_DEMO_PROBLEM),
+    [format_call(name, kwargs) for name, kwargs in reference_calls(_DEMO_PROBLEM)],
+)
 
 TASK = Task(NAME, INSTRUCTIONS, toolset, check, DEMO, answer_check)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from fclib.agent import Task
+from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
 from fclib.tools import Example, Function, Param, ToolError, Toolset
 
@@ -76,14 +76,10 @@ INSTRUCTIONS = (
     "Read the problem, compute each intermediate quantity with a function call, "
     "then give the result with final_answer."
 )
-DEMO = (
-    {"role": "user", "content": "Anna has 4 boxes with 3 pens in each box. She gives away 5 pens. How many pens does she have left?"},
-    {"role": "assistant", "content": "multiply(a=4, b=3)"},
-    {"role": "user", "content": "Result: 12"},
-    {"role": "assistant", "content": "subtract(a=12, b=5)"},
-    {"role": "user", "content": "Result: 7"},
-    {"role": "assistant", "content": "final_answer(value=7)"},
-    {"role": "user", "content": "The chain is finished. Next problem."},
+DEMO = demo_messages(
+    "Anna has 4 boxes with 3 pens in each box. She gives away 5 pens. How many pens does she have left?",
+    TOOLSET,
+    ["multiply(a=4, b=3)", "subtract(a=12, b=5)", "final_answer(value=7)"],
 )
 
 

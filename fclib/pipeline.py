@@ -90,10 +90,6 @@ def run(params: dict[str, Any], start: str | None = None) -> Path:
     return out
 
 
-def _value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fclib.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu", help="profiles/NAME.yaml (smoke, cpu, ...)")
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         if "=" not in item:
             raise SystemExit(f"-p expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = _value(value)
+        overrides[key.strip()] = yaml.safe_load(value)  # typed like YAML: 3, 0.5, true, text
     if args.run_name:
         overrides["run_name"] = args.run_name
     params = load_profile(args.profile, overrides)

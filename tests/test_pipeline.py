@@ -1,6 +1,7 @@
 """The pipeline: profiles, parameter checks, and the smoke profile end to end through papermill."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,10 +38,7 @@ def test_notebook_parameters_match_the_profiles():
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
-    env = {"FCLIB_OUTPUTS": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    import os
-
-    env = {**os.environ, **env}
+    env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--run-name", "t1"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

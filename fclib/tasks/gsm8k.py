@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
+from fclib.protocol import ParsedCall
 from fclib.tools import Example, Function, Param, ToolError, Toolset
 
 NAME = "gsm8k"
@@ -198,7 +199,7 @@ def expression_calls(expression: str) -> tuple[list[tuple[str, dict[str, float]]
             a, b = walk(node.left), walk(node.right)
             name = _OPS[type(node.op)]
             kwargs = {"a": _tidy(a), "b": _tidy(b)}
-            execution = TOOLSET.execute(_parsed(name, kwargs))
+            execution = TOOLSET.execute(ParsedCall(name, (), dict(kwargs)))
             if not execution.ok:
                 raise ValueError(f"{name}{tuple(kwargs.values())}: {execution.error}")
             calls.append((name, kwargs))
@@ -245,8 +246,3 @@ def _tidy(value: float) -> float | int:
     """Integral floats as ints, so calls read `add(a=48, b=24)` rather than `48.0`."""
     return int(value) if float(value).is_integer() and abs(value) < 2**53 else round(value, 10)
 
-
-def _parsed(name: str, kwargs: dict[str, Any]):
-    from fclib.protocol import ParsedCall
-
-    return ParsedCall(name, (), dict(kwargs))

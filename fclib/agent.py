@@ -12,6 +12,7 @@ backend call per step, so the local backend generates for all of them at once.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -83,6 +84,7 @@ class Chain:
     task: str
     sample: int
     model: str
+    source: str  # who produced it: a teacher label, 'reference', a student label
     messages: list[Message]
     n_prompt: int  # messages[:n_prompt] is the prompt: system, demonstration, problem
     calls: list[dict[str, Any]] = field(default_factory=list)
@@ -126,34 +128,47 @@ def run_chains(
     task: Task | dict[str, Task],
     problems: Sequence[Problem],
     config: AgentConfig | None = None,
-    samples: int = 1,
+    samples: int | Sequence[int] = 1,
     progress: bool = True,
+    source: str | None = None,
+    on_done: Callable[[Chain], None] | None = None,
 ) -> list[Chain]:
     """Solve every problem `samples` times; all chains advance together, one batch per step.
 
-    `task` is one Task or a mapping from task name to Task for a mix of problems.
+    `task` is one Task or a mapping from task name to Task for a mix of problems. `samples`
+    is a count or the sample indices to run (a resumed run asks only for the missing ones).
+    Each chain is passed to `on_done` the moment it ends. Every request carries a seed
+    derived from (seed, problem, sample, step), so a chain's samples are the same whichever
+    chains share its batch, on servers that honour per-request seeds.
     """
     config = config or AgentConfig()
     tasks = task if isinstance(task, dict) else {task.name: task}
     missing = {p.task for p in problems} - set(tasks)
     if missing:
         raise ValueError(f"no Task given for problem task(s) {sorted(missing)}")
+    indices = range(samples) if isinstance(samples, int) else samples
     states = []
     for p in problems:
         toolset = tasks[p.task].toolset(p)
-        for s in range(samples):
+        for s in indices:
             messages = initial_messages(tasks[p.task], p, toolset, config.native_tools)
             chain = Chain(
                 problem_id=p.id,
                 task=p.task,
                 sample=s,
                 model=backend.model_id,
+                source=source or backend.model_id,
                 messages=messages,
                 n_prompt=len(messages),
                 tools=toolset.openai_tools() if config.native_tools else None,
             )
             states.append(_State(chain, p, tasks[p.task], toolset))
     bar = tqdm(total=len(states), desc="chains", unit="chain", disable=not progress)
+
+    def ended(state: _State) -> None:
+        bar.update(1)
+        if on_done is not None:
+            on_done(state.chain)
     for step in range(config.max_steps):
         active = [s for s in states if not s.chain.done]
         if not active:
@@ -165,18 +180,24 @@ def run_chains(
             top_p=config.top_p,
             seed=config.seed * 1000 + step,
             stop=() if config.native_tools else config.stop,
+            seeds=tuple(_request_seed(config.seed, s.chain, step) for s in active),
         )
         replies = _ask(backend, active, settings, config)
         for state, reply in zip(active, replies):
             state.advance(reply, config)
             if state.chain.done:
-                bar.update(1)
+                ended(state)
     for state in states:
         if not state.chain.done:
             state.finish("max_steps", f"no answer after {config.max_steps} steps")
-            bar.update(1)
+            ended(state)
     bar.close()
     return [s.chain for s in states]
+
+
+def _request_seed(seed: int, chain: Chain, step: int) -> int:
+    """A stable seed for one request of one chain."""
+    return zlib.crc32(f"{seed}:{chain.problem_id}:{chain.sample}:{step}".encode()) & 0x7FFFFFFF
 
 
 def _ask(backend: ChatBackend, active: list["_State"], settings: GenerationSettings, config: AgentConfig) -> list[Reply]:

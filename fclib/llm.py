@@ -1,19 +1,26 @@
 """Chat backends behind one interface: many conversations in, one reply each out.
 
 `LocalBackend` runs a transformers model in process and generates for many conversations in
-one batch (left padding, stop strings, seeded sampling, a token limit per reply). An
-OpenAI-compatible backend implements the same `chat` method over HTTP. The agent only ever
+one batch (left padding, stop strings, seeded sampling, a token limit per reply).
+`OpenAIBackend` implements the same `chat` method over any OpenAI-compatible endpoint, with
+many requests in flight, retries with backoff and a timeout per request. The agent only ever
 calls `backend.chat(conversations, ...)`, so the same loop drives a local student and a
 remote teacher.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 Message = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +47,13 @@ class GenerationSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # One seed per conversation, for servers that seed each request: a chain's samples then
+    # do not depend on which other chains share its batch. The local backend seeds a batch.
+    seeds: tuple[int, ...] = ()
+
+    def seed_of(self, i: int) -> int:
+        """The seed of conversation i."""
+        return self.seeds[i] if self.seeds else self.seed
 
 
 class ChatBackend(Protocol):
@@ -139,6 +153,171 @@ class LocalBackend:
                 )
             )
         return replies
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot serve at all: unreachable, wrong URL, unknown model, refused key."""
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, `transformers serve`).
+
+    Up to `concurrency` requests are in flight at once. A request that fails with 429, a 5xx,
+    a timeout, a dropped connection, or a malformed or empty answer is retried with
+    exponential backoff and jitter (honouring `Retry-After`), up to `max_retries` times; the
+    retries of each reply are counted. A request the server refuses (400, 404, 422, ...) is
+    not retried. A reply that still fails comes back with `error` set, never as an exception,
+    so one bad request ends one chain, not the run.
+
+    The API key is read from the environment variable `api_key_env` only; local servers
+    need none. `hf_sampling` sends sampling through `transformers serve`'s
+    `generation_config` field, which that server needs to sample at all (other servers
+    reject the field).
+    """
+
+    RETRYABLE_STATUS = (408, 409, 429, 500, 502, 503, 504)
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        api_key_env: str = "OPENAI_API_KEY",
+        hf_sampling: bool = False,
+    ):
+        from openai import OpenAI
+
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        # Retries are ours (max_retries=0 below) so that each reply can say how many it took
+        # and malformed answers are retried like transport errors.
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout, max_retries=0)
+        self.base_url, self.model_id = base_url, model
+        self.concurrency, self.max_retries = concurrency, max_retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.api_key_env, self.hf_sampling = api_key_env, hf_sampling
+
+    def check(self) -> list[str]:
+        """Fail clearly now, not once per request: the endpoint answers and serves the model."""
+        import openai
+
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except openai.AuthenticationError as e:
+            raise EndpointError(f"{self.base_url} refused the API key: set ${self.api_key_env} ({e})") from None
+        except openai.APIConnectionError as e:
+            raise EndpointError(f"cannot reach {self.base_url}: {e}. Is the server running, and is the URL right?") from None
+        except openai.APIStatusError as e:
+            raise EndpointError(f"{self.base_url}/models answered HTTP {e.status_code}: is this an OpenAI-compatible /v1 URL?") from None
+        if served and self.model_id not in served:
+            shown = ", ".join(served[:10]) + (" ..." if len(served) > 10 else "")
+            raise EndpointError(f"{self.base_url} does not serve model {self.model_id!r}; it serves: {shown}")
+        return served
+
+    def chat(
+        self, conversations: Sequence[list[Message]], settings: GenerationSettings, tools: list[dict] | None = None
+    ) -> list[Reply]:
+        """One reply per conversation; `concurrency` requests at a time."""
+        jobs = [(c, settings, tools, settings.seed_of(i)) for i, c in enumerate(conversations)]
+        if len(jobs) == 1 or self.concurrency == 1:
+            return [self._request(*job) for job in jobs]
+        with ThreadPoolExecutor(min(self.concurrency, len(jobs))) as pool:
+            return list(pool.map(lambda job: self._request(*job), jobs))
+
+    def _body(self, settings: GenerationSettings, tools: list[dict] | None, seed: int) -> dict[str, Any]:
+        body: dict[str, Any] = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=seed)
+        if settings.temperature > 0:
+            body["top_p"] = settings.top_p
+        if settings.stop:
+            body["stop"] = list(settings.stop)
+        if tools:
+            body["tools"] = tools
+        extra = dict(settings.extra)
+        if self.hf_sampling:
+            config = {"max_new_tokens": settings.max_tokens, "do_sample": settings.temperature > 0}
+            if settings.temperature > 0:
+                config.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+            extra["generation_config"] = json.dumps(config)
+        if extra:
+            body["extra_body"] = extra
+        return body
+
+    def _request(self, conversation: list[Message], settings: GenerationSettings, tools: list[dict] | None, seed: int) -> Reply:
+        import openai
+
+        body = self._body(settings, tools, seed)
+        t0 = time.perf_counter()
+        error = ""
+        for attempt in range(self.max_retries + 1):
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+            try:
+                response = self.client.chat.completions.create(model=self.model_id, messages=conversation, **body)
+                reply = _reply_from(response, settings.stop)
+                reply.latency_s, reply.retries = time.perf_counter() - t0, attempt
+                return reply
+            except openai.APIStatusError as e:
+                error = f"HTTP {e.status_code}: {_detail(e)}"
+                if e.status_code not in self.RETRYABLE_STATUS:
+                    return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=attempt, error=error)
+                delay = max(delay, _retry_after(e))
+            except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:  # ValueError: bad JSON, no choice
+                error = f"{type(e).__name__}: {e}"
+            if attempt < self.max_retries:
+                log.info("request failed (%s); retry %d in %.1fs", error, attempt + 1, delay)
+                time.sleep(delay)
+        error = f"gave up after {self.max_retries + 1} attempts; last: {error}"
+        return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=self.max_retries, error=error)
+
+
+class MalformedReply(ValueError):
+    """A response without a usable choice."""
+
+
+def _reply_from(response: Any, stop: Sequence[str]) -> Reply:
+    """A Reply from a chat completion; servers that ignore `stop` are cut here."""
+    choices = getattr(response, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise MalformedReply("the response has no choice with a message")
+    choice = choices[0]
+    text = choice.message.content or ""
+    cut = _cut_at_stop(text, stop)
+    tool_calls = None
+    if choice.message.tool_calls:
+        tool_calls = [
+            {"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+            for tc in choice.message.tool_calls
+        ]
+    usage = getattr(response, "usage", None)
+    finish = "stop" if cut is not None else (choice.finish_reason or "stop")
+    return Reply(
+        text=cut if cut is not None else text,
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        finish_reason=finish,
+        tool_calls=tool_calls,
+    )
+
+
+def _detail(e: Any) -> str:
+    """The server's own explanation of an HTTP error, short."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        body = body.get("detail") or body.get("message") or body.get("error") or body
+    return str(body or e.message)[:300]
+
+
+def _retry_after(e: Any) -> float:
+    """Seconds the server asked us to wait (Retry-After), 0 if it did not say."""
+    try:
+        return min(60.0, float(e.response.headers.get("retry-after", 0)))
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:

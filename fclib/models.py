@@ -85,6 +85,8 @@ def resolve_model(name: str | os.PathLike) -> str:
     text = str(name)
     if text in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
+    if text == TINY:
+        return str(tiny_model_dir())
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -155,6 +157,24 @@ def tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> tup
     model = LlamaForCausalLM(config)
     model.eval()
     return model, tokenizer
+
+
+def tiny_model_dir() -> Path:
+    """The tiny model saved as a folder (for a server), written once into the cache."""
+    target = cache_dir() / "tiny-llama-64"
+    if not (target / "config.json").is_file():
+        model, tokenizer = tiny_model()
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-llama-64.", dir=cache_dir()))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from importlib import metadata
@@ -23,6 +24,7 @@ from fclib.runs import PROJECT_ROOT, run_dir
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "openai", "papermill", "sympy")
+NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,24 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
                 raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got {value!r}")
         params[key] = value
     return params
+
+
+def notebook_profile(namespace: dict[str, Any]) -> str | None:
+    """Called by each notebook right after its parameters cell.
+
+    A notebook's parameter defaults are the `cpu` profile, for people stepping through it. CI
+    runs the notebooks under nbval, which cannot pass parameters: it sets
+    $FCLIB_NOTEBOOK_PROFILE (to `smoke`), and this replaces the defaults of the parameters the
+    notebook declares with that profile's values. The pipeline runner removes the variable, so
+    the parameters papermill injects always win. Returns the profile applied, if any.
+    """
+    name = os.environ.get(NOTEBOOK_PROFILE_ENV)
+    if not name:
+        return None
+    params = load_profile(name)
+    namespace.update({k: v for k, v in params.items() if k in namespace})
+    print(f"parameters of profile {name!r} (${NOTEBOOK_PROFILE_ENV} is set)")
+    return name
 
 
 def notebooks(start: str | None = None) -> list[Path]:
@@ -75,6 +95,7 @@ def run(params: dict[str, Any], start: str | None = None) -> Path:
     (out / "notebooks").mkdir(exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (out / "env.json").write_text(json.dumps(environment(), indent=2))
+    os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
     for nb in notebooks(start):
         declared = pm.inspect_notebook(str(nb))
         given = {k: v for k, v in params.items() if k in declared}

@@ -36,6 +36,19 @@ def test_notebook_parameters_match_the_profiles():
         assert set(declared) <= set(params), f"{nb.name} declares parameters no profile sets"
 
 
+def test_notebook_profile_applies_only_when_asked(monkeypatch):
+    namespace = {"run_name": "cpu", "k": 4, "local": 1}
+    monkeypatch.delenv(pipeline.NOTEBOOK_PROFILE_ENV, raising=False)
+    assert pipeline.notebook_profile(namespace) is None and namespace["k"] == 4
+    monkeypatch.setenv(pipeline.NOTEBOOK_PROFILE_ENV, "smoke")
+    assert pipeline.notebook_profile(namespace) == "smoke"
+    assert namespace == {"run_name": "smoke", "k": 2, "local": 1}
+
+
+CHAIN_FIELDS = {"problem_id", "task", "sample", "model", "source", "messages", "calls", "final_answer", "correct",
+                "outcome", "usage", "latency_s"}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
     env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
@@ -51,3 +64,12 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")
     assert len(train) == 12 and len(test) == 8
     assert (run / "figures" / "gsm8k_reference_coverage.png").stat().st_size > 1000
+
+    chains = [json.loads(line) for line in (run / "chains" / "chains.jsonl").read_text().splitlines()]
+    assert all(CHAIN_FIELDS <= set(c) for c in chains)
+    teacher = [c for c in chains if c["source"] == "teacher"]
+    assert sorted((c["problem_id"], c["sample"]) for c in teacher) == sorted((p.id, s) for p in train for s in range(2))
+    assert {c["source"] for c in chains} == {"teacher", "reference"}
+    assert json.loads((run / "chains" / "summary.json").read_text())["k"] == 2
+    for name in ("teacher_outcomes", "teacher_yield"):
+        assert (run / "figures" / f"{name}.png").stat().st_size > 1000

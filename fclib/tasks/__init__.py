@@ -32,7 +32,7 @@ def replay_references(problems: Sequence[Problem], progress: bool = False) -> li
         try:
             scripts[p.question] = reference_script(p)
         except ValueError as e:
-            chains.append(Chain(p.id, p.task, 0, REFERENCE_MODEL, [], 0, outcome="error", reason=str(e)))
+            chains.append(Chain(p.id, p.task, 0, REFERENCE_MODEL, REFERENCE_MODEL, [], 0, outcome="error", reason=str(e)))
     have = [p for p in problems if p.question in scripts]
     steps = max((len(s) for s in scripts.values()), default=1)
     config = AgentConfig(max_steps=steps + 1, max_retries=0, max_chain_tokens=10**9)

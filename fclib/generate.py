@@ -1,0 +1,300 @@
+"""Teacher chain generation: each training problem solved k times, each chain saved as it ends.
+
+    records = generate(backend, problems, run_dir / "chains" / "chains.jsonl", k=4, config=config)
+
+Every chain is appended to the JSONL file the moment it ends, so a run killed at any point
+loses only the chains in flight. Started again with the same parameters, it skips every
+finished chain, retries the ones that ended in `error` (a failed request, not a wrong
+answer), and tolerates a truncated last line. Chains are keyed by (source, problem, sample);
+the file never holds two records of one key.
+
+Several sources may share a file: a teacher endpoint, the task's reference chains
+(`source="reference"`). The settings each source was generated with are kept beside the
+file (`chains.meta.json`); asking for the same source with settings that would give other
+chains refuses with the differences, unless `overwrite=True`, which moves the old chains of
+that source aside to a backup file. Never a silent mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from fclib.agent import AgentConfig, Chain, Task, run_chains
+from fclib.llm import ChatBackend
+from fclib.problems import Problem
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str, int]
+
+
+@contextmanager
+def open_teacher(
+    model: str,
+    url: str = "",
+    backend: str = "inprocess",
+    concurrency: int = 8,
+    api_key_env: str = "OPENAI_API_KEY",
+    log_dir: str | Path | None = None,
+) -> Iterator[ChatBackend]:
+    """The teacher as a chat backend, for the life of a `with` block.
+
+    - `url` given: the OpenAI-compatible endpoint at `url`, serving `model`; the key comes from
+      $`api_key_env`; checked at once (reachable, model served).
+    - else `backend="server"`: `transformers serve` with the local `model` on 127.0.0.1,
+      stopped when the block ends.
+    - else `backend="inprocess"`: the local `model` in this process, `concurrency`
+      conversations per batch.
+    """
+    from fclib.llm import LocalBackend, OpenAIBackend
+    from fclib.serve import LocalServer
+
+    if url:
+        client = OpenAIBackend(url, model, concurrency=concurrency, api_key_env=api_key_env)
+        client.check()
+        yield client
+    elif backend == "server":
+        with LocalServer(model, log_path=Path(log_dir) / "server.log" if log_dir else None) as server:
+            client = server.backend(concurrency=concurrency)
+            client.check()
+            yield client
+    elif backend == "inprocess":
+        yield LocalBackend.load(model, batch_size=concurrency)
+    else:
+        raise ValueError(f"teacher backend must be 'inprocess' or 'server' (or give a URL), not {backend!r}")
+
+
+def key_of(record: Mapping[str, Any]) -> Key:
+    return (record["source"], record["problem_id"], int(record["sample"]))
+
+
+def read_chains(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The chain records of a file (the last one of each key) and the number of unreadable lines.
+
+    A line cut short by a killed writer is unreadable; it is skipped, never fatal.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    records: dict[Key, dict[str, Any]] = {}
+    bad = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records[key_of(record)] = record
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                bad += 1
+    return list(records.values()), bad
+
+
+def _write_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fingerprint(backend: ChatBackend, config: AgentConfig) -> dict[str, Any]:
+    """What decides the chains of a source: the backend kind, the model and the agent's settings."""
+    return {"backend": type(backend).__name__, "model": backend.model_id, "agent": json.loads(json.dumps(asdict(config)))}
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def generate(
+    backend: ChatBackend,
+    problems: Sequence[Problem],
+    path: str | Path,
+    k: int = 4,
+    config: AgentConfig | None = None,
+    tasks: Mapping[str, Task] | None = None,
+    source: str = "teacher",
+    chunk_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Solve each problem k times with `backend`, appending each chain to `path` as it ends.
+
+    Resumes from what `path` already holds (see the module docstring). Returns the records
+    of this source for these problems and samples 0..k-1, in problem then sample order.
+    `chunk_size` chains advance together: one batched call per step on a local backend,
+    up to the backend's concurrency in flight on an endpoint.
+    """
+    from fclib.tasks import TASKS
+
+    if k < 1 or chunk_size < 1:
+        raise ValueError("k and chunk_size must be at least 1")
+    if not problems:
+        raise ValueError("no problems to generate chains for")
+    config = config or AgentConfig()
+    tasks = dict(tasks or TASKS)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path, source, fingerprint(backend, config), overwrite)
+
+    records, bad = read_chains(path)
+    retry = [r for r in records if r["source"] == source and r["outcome"] == "error"]
+    kept = [r for r in records if not (r["source"] == source and r["outcome"] == "error")]
+    if bad or retry or len(kept) != _count_lines(path):
+        _write_atomic(path, kept)  # drop cut lines and duplicates; failed chains are redone
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (a run was interrupted mid-write)", path, bad)
+    done = {key_of(r) for r in kept}
+    todo = [(p, [s for s in range(k) if (source, p.id, s) not in done]) for p in problems]
+    todo = [(p, missing) for p, missing in todo if missing]
+    total = len(problems) * k
+    counts = {"correct": 0, "error": 0}
+    bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc=f"chains ({source})", unit="chain",
+               disable=not progress, smoothing=0.1)  # fmt: skip
+
+    with open(path, "a", encoding="utf-8") as out:
+
+        def save(chain: Chain) -> None:
+            out.write(json.dumps(chain.to_dict(), ensure_ascii=False) + "\n")
+            out.flush()
+            counts["correct"] += chain.outcome == "correct"
+            counts["error"] += chain.outcome == "error"
+            bar.update(1)
+            bar.set_postfix(counts, refresh=False)
+
+        for group in _chunks(todo, chunk_size):
+            by_samples: dict[tuple[int, ...], list[Problem]] = {}
+            for p, missing in group:
+                by_samples.setdefault(tuple(missing), []).append(p)
+            for samples, group_problems in by_samples.items():
+                run_chains(backend, tasks, group_problems, config, samples=list(samples), progress=False,
+                           source=source, on_done=save)  # fmt: skip
+            os.fsync(out.fileno())
+    bar.close()
+
+    wanted = {(source, p.id, s): i * k + s for i, p in enumerate(problems) for s in range(k)}
+    final, _ = read_chains(path)
+    return sorted((r for r in final if key_of(r) in wanted), key=lambda r: wanted[key_of(r)])
+
+
+def add_records(path: str | Path, records: Sequence[Mapping[str, Any]], source: str, settings: Mapping[str, Any]) -> int:
+    """Store chains made elsewhere (the reference chains) as source `source`; returns how many were new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path, source, dict(settings), overwrite=False)
+    existing, _ = read_chains(path)
+    have = {key_of(r) for r in existing if r["outcome"] != "error"}
+    new = [{**r, "source": source} for r in records if (source, r["problem_id"], int(r["sample"])) not in have]
+    if new:
+        by_key = {key_of(r): r for r in existing}
+        by_key.update({key_of(r): r for r in new})
+        _write_atomic(path, by_key.values())
+    return len(new)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _chunks(todo: list[tuple[Problem, list[int]]], size: int) -> Iterable[list[tuple[Problem, list[int]]]]:
+    """Groups of problems holding about `size` chains each."""
+    group, n = [], 0
+    for item in todo:
+        group.append(item)
+        n += len(item[1])
+        if n >= size:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def _claim(path: Path, source: str, settings: dict[str, Any], overwrite: bool) -> None:
+    """Record the settings of `source` beside the chain file; refuse a silent change of them."""
+    meta_path = path.with_name(path.stem + ".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"sources": {}}
+    old = meta["sources"].get(source)
+    if old is not None and old != settings:
+        changes = _differences(old, settings)
+        if not overwrite:
+            raise ValueError(
+                f"{path} already holds chains of source {source!r} made with other settings "
+                f"({'; '.join(changes)}). Use another run_name, another source label, or overwrite=True "
+                f"(which moves the old chains of {source!r} to a backup file)."
+            )
+        records, _ = read_chains(path)
+        backup = path.with_name(f"{path.stem}.{source}.replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        _write_atomic(backup, [r for r in records if r["source"] == source])
+        _write_atomic(path, [r for r in records if r["source"] != source])
+        log.warning("moved the old chains of %r to %s (%s)", source, backup, "; ".join(changes))
+    meta["sources"][source] = settings
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], prices: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Counts a reader wants after generation.
+
+    - `outcomes`: {source: {task: {outcome: chains}}}
+    - `yield`: {source: {task: {problems, with_correct, with_incorrect, with_both, share_with_both}}},
+      where incorrect means a finished chain that is not correct (errors are not the model's);
+      problems with both are the ones that give preference pairs.
+    - `tokens`: {source: {prompt_tokens, completion_tokens, chains, retries, latency_s}}, with
+      `cost` when `prices` gives USD per million tokens as {"prompt": .., "completion": ..}.
+    """
+    from fclib.agent import OUTCOMES
+
+    outcomes: dict[str, dict[str, dict[str, int]]] = {}
+    per_problem: dict[tuple[str, str, str], set[str]] = {}
+    tokens: dict[str, dict[str, float]] = {}
+    for r in records:
+        src, task = r.get("source", r["model"]), r["task"]
+        counts = outcomes.setdefault(src, {}).setdefault(task, dict.fromkeys(OUTCOMES, 0))
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        kinds = per_problem.setdefault((src, task, r["problem_id"]), set())
+        if r["outcome"] == "correct":
+            kinds.add("correct")
+        elif r["outcome"] != "error":
+            kinds.add("incorrect")
+        t = tokens.setdefault(src, {"chains": 0, "prompt_tokens": 0, "completion_tokens": 0, "retries": 0, "latency_s": 0.0})
+        t["chains"] += 1
+        t["prompt_tokens"] += r["usage"]["prompt_tokens"]
+        t["completion_tokens"] += r["usage"]["completion_tokens"]
+        t["retries"] += r.get("retries", 0)
+        t["latency_s"] += r.get("latency_s", 0.0)
+    yields: dict[str, dict[str, dict[str, float]]] = {}
+    for (src, task, _), kinds in per_problem.items():
+        y = yields.setdefault(src, {}).setdefault(task, {"problems": 0, "with_correct": 0, "with_incorrect": 0, "with_both": 0})
+        y["problems"] += 1
+        y["with_correct"] += "correct" in kinds
+        y["with_incorrect"] += "incorrect" in kinds
+        y["with_both"] += kinds == {"correct", "incorrect"}
+    for by_task in yields.values():
+        for y in by_task.values():
+            y["share_with_both"] = y["with_both"] / y["problems"]
+    if prices:
+        for t in tokens.values():
+            t["cost"] = (t["prompt_tokens"] * prices.get("prompt", 0) + t["completion_tokens"] * prices.get("completion", 0)) / 1e6
+    return {"outcomes": outcomes, "yield": yields, "tokens": tokens}

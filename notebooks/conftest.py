@@ -1,0 +1,6 @@
+"""nbval runs the committed notebooks on the `smoke` profile (see fclib.pipeline.notebook_profile)."""
+
+import os
+
+os.environ.setdefault("FCLIB_NOTEBOOK_PROFILE", "smoke")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

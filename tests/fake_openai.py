@@ -1,0 +1,95 @@
+"""A small OpenAI-compatible server on loopback that misbehaves on purpose.
+
+It answers `/v1/chat/completions` from a `ScriptedBackend` (deterministic replies), and
+`fault(n, body)` decides for request number n what goes wrong instead: "500", "429",
+"hang" (no answer until after the client's timeout), "close" (drop the connection),
+"malformed" (invalid JSON), "empty" (no choices), or None for a normal answer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from fclib.llm import GenerationSettings, ScriptedBackend
+
+Fault = Callable[[int, dict], "str | None"]
+
+
+class FakeOpenAI:
+    def __init__(self, backend: ScriptedBackend, fault: Fault | None = None, model: str = "fake-teacher",
+                 hang_s: float = 3.0, delay_s: float = 0.0):  # fmt: skip
+        self.backend, self.fault, self.model = backend, fault or (lambda n, body: None), model
+        self.hang_s, self.delay_s = hang_s, delay_s
+        self.requests = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, status: int, payload: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode())
+                else:
+                    self._send(404, b'{"detail": "not found"}')
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    n = server.requests
+                if body.get("model") != server.model:
+                    return self._send(404, json.dumps({"error": {"message": f"model {body.get('model')} not found"}}).encode())
+                fault = server.fault(n, body)
+                if fault == "500":
+                    return self._send(500, b'{"error": {"message": "internal error"}}')
+                if fault == "429":
+                    return self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
+                if fault == "hang":
+                    time.sleep(server.hang_s)
+                    return self._send(500, b'{"error": {"message": "too late"}}')
+                if fault == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return None
+                if fault == "malformed":
+                    return self._send(200, b'{"id": "x", "choices": [{"message": {"content": "ans')
+                if server.delay_s:
+                    time.sleep(server.delay_s)
+                settings = GenerationSettings(max_tokens=body.get("max_tokens", 64))
+                text = server.backend.chat([body["messages"]], settings)[0].text
+                choices = [] if fault == "empty" else [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]  # fmt: skip
+                payload = {"id": f"r{n}", "object": "chat.completion", "created": 0, "model": server.model,
+                           "choices": choices, "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}  # fmt: skip
+                self._send(200, json.dumps(payload).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> "FakeOpenAI":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

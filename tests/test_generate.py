@@ -1,0 +1,186 @@
+"""Teacher generation over a real HTTP endpoint on loopback: faults, retries, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fclib.agent import AgentConfig
+from fclib.generate import generate, read_chains, summarize
+from fclib.llm import EndpointError, GenerationSettings, OpenAIBackend, ScriptedBackend
+from fclib.problems import write_problems
+from fclib.tasks import fol, gsm8k, reference_script
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = AgentConfig(max_steps=16)
+
+
+@pytest.fixture(scope="module")
+def problems(gsm8k_dir):
+    gsm = [p for p in gsm8k.load("train", gsm8k_dir)[:12] if _has_reference(p)][:3]
+    return fol.generate(3, seed=1, nmax=4, split="train") + gsm
+
+
+def _has_reference(p):
+    try:
+        reference_script(p)
+        return True
+    except ValueError:
+        return False
+
+
+def teacher(problems, **kwargs):
+    return FakeOpenAI(ScriptedBackend({p.question: reference_script(p) for p in problems}), **kwargs)
+
+
+def backend(server, **kwargs):
+    kwargs = {"concurrency": 4, "timeout": 1.0, "max_retries": 3, "backoff": 0.01, **kwargs}
+    return OpenAIBackend(server.base_url, "fake-teacher", **kwargs)
+
+
+def strip(records):
+    """Records without what differs between two identical runs (timing, retries)."""
+    return sorted(
+        (json.dumps({k: v for k, v in r.items() if k not in ("latency_s", "retries")}, sort_keys=True) for r in records)
+    )
+
+
+def test_backend_replies_with_usage_and_checks_the_model(problems):
+    with teacher(problems) as server:
+        b = backend(server)
+        assert b.check() == ["fake-teacher"]
+        messages = [{"role": "user", "content": problems[0].question}]
+        reply = b.chat([messages], GenerationSettings())[0]
+        assert reply.error is None and reply.text == reference_script(problems[0])[0]
+        assert (reply.prompt_tokens, reply.completion_tokens, reply.retries) == (10, 5, 0)
+        with pytest.raises(EndpointError, match="does not serve model 'gpt-x'.*fake-teacher"):
+            OpenAIBackend(server.base_url, "gpt-x").check()
+        refused = OpenAIBackend(server.base_url, "gpt-x", max_retries=3).chat([messages], GenerationSettings())[0]
+        assert refused.error.startswith("HTTP 404") and "not found" in refused.error and refused.retries == 0
+    with pytest.raises(EndpointError, match="cannot reach"):
+        OpenAIBackend(server.base_url, "fake-teacher").check()
+
+
+def test_api_key_only_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FCLIB_TEST_KEY", "sk-secret")
+    b = OpenAIBackend("http://127.0.0.1:9/v1", "m", api_key_env="FCLIB_TEST_KEY")
+    assert b.client.api_key == "sk-secret"
+    with pytest.raises(ValueError, match="http"):
+        OpenAIBackend("127.0.0.1:9/v1", "m")
+
+
+@pytest.mark.parametrize("kind", ["500", "429", "hang", "close", "malformed", "empty"])
+def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp_path, kind):
+    doomed = problems[0].question  # this problem's requests always fail; every other first attempt fails too
+    seen = set()
+
+    def fault(n, body):
+        question = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user" and m["content"] in scripts)
+        if question == doomed:
+            return kind
+        sig = json.dumps([body["messages"], body["seed"]])  # samples differ by seed
+        if sig not in seen:
+            seen.add(sig)
+            return kind
+        return None
+
+    scripts = {p.question: reference_script(p) for p in problems}
+    path = tmp_path / "chains.jsonl"
+    with teacher(problems, fault=fault, hang_s=1.5) as server:
+        records = generate(backend(server), problems, path, k=2, config=CONFIG, progress=False)
+    assert len(records) == 2 * len(problems)
+    failed = [r for r in records if r["outcome"] == "error"]
+    assert {r["problem_id"] for r in failed} == {problems[0].id}
+    assert all("gave up after 4 attempts" in r["reason"] for r in failed)
+    others = [r for r in records if r["problem_id"] != problems[0].id]
+    assert all(r["outcome"] == "correct" for r in others)
+    assert all(r["retries"] >= 1 for r in others)  # every first attempt failed
+
+    # The rerun against a healthy server redoes the failed chains only.
+    with teacher(problems) as server:
+        records = generate(backend(server), problems, path, k=2, config=CONFIG, progress=False)
+        redone = server.requests
+    assert all(r["outcome"] == "correct" for r in records)
+    assert redone == 2 * len(reference_script(problems[0]))
+    on_disk, bad = read_chains(path)
+    assert bad == 0 and len(on_disk) == len(path.read_text().splitlines()) == 2 * len(problems)
+
+
+def test_truncated_last_line_and_changed_settings(problems, tmp_path):
+    path = tmp_path / "chains.jsonl"
+    with teacher(problems) as server:
+        first = generate(backend(server), problems, path, k=1, config=CONFIG, progress=False)
+        with open(path, "a") as f:
+            f.write(json.dumps(first[0])[:40])  # a writer killed mid-line
+        again = generate(backend(server), problems, path, k=1, config=CONFIG, progress=False)
+        assert server.requests == sum(len(reference_script(p)) for p in problems)  # nothing was redone
+        assert strip(again) == strip(first)
+        assert len(path.read_text().splitlines()) == len(problems)
+
+        hotter = AgentConfig(max_steps=16, temperature=0.7)
+        with pytest.raises(ValueError, match=r"other settings \(agent.temperature: 0.0 -> 0.7\).*overwrite=True"):
+            generate(backend(server), problems, path, k=1, config=hotter, progress=False)
+        generate(backend(server), problems, path, k=1, config=hotter, overwrite=True, progress=False)
+    backups = list(tmp_path.glob("chains.teacher.replaced-*.jsonl"))
+    assert len(backups) == 1 and len(backups[0].read_text().splitlines()) == len(problems)
+    assert json.loads((tmp_path / "chains.meta.json").read_text())["sources"]["teacher"]["agent"]["temperature"] == 0.7
+
+
+RUN = """
+import sys
+from fclib.agent import AgentConfig
+from fclib.generate import generate
+from fclib.llm import OpenAIBackend
+from fclib.problems import read_problems
+generate(OpenAIBackend(sys.argv[2], "fake-teacher", concurrency=2), read_problems(sys.argv[1]), sys.argv[3],
+         k=3, config=AgentConfig(max_steps=16), chunk_size=2, progress=False)
+"""
+
+
+def test_a_killed_run_resumes_to_the_same_chains(problems, tmp_path):
+    write_problems(tmp_path / "problems.jsonl", problems)
+    total = 3 * len(problems)
+    with teacher(problems, delay_s=0.03) as server:
+        cmd = [sys.executable, "-c", RUN, str(tmp_path / "problems.jsonl"), server.base_url]
+        subprocess.run(cmd + [str(tmp_path / "whole.jsonl")], check=True, cwd=ROOT, timeout=120)
+
+        killed = tmp_path / "killed.jsonl"
+        proc = subprocess.Popen(cmd + [str(killed)], cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < total // 2):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        partial, _ = read_chains(killed)
+        assert 0 < len(partial) < total, "the run was not interrupted halfway"
+
+        subprocess.run(cmd + [str(killed)], check=True, cwd=ROOT, timeout=120)
+    whole, _ = read_chains(tmp_path / "whole.jsonl")
+    resumed, bad = read_chains(killed)
+    assert bad == 0 and len(killed.read_text().splitlines()) == total
+    assert strip(resumed) == strip(whole)
+
+
+def test_summary_counts_yield_and_cost():
+    def rec(pid, outcome, source="teacher", task="fol"):
+        return {"source": source, "model": "m", "task": task, "problem_id": pid, "outcome": outcome,
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10}, "retries": 1, "latency_s": 0.5}  # fmt: skip
+
+    records = [rec("a", "correct"), rec("a", "wrong_answer"), rec("b", "correct"), rec("b", "error"),
+               rec("c", "max_steps"), rec("c", "invalid_call"), rec("d", "correct", task="gsm8k")]  # fmt: skip
+    s = summarize(records, prices={"prompt": 1.0, "completion": 2.0})
+    assert s["outcomes"]["teacher"]["fol"]["correct"] == 2 and s["outcomes"]["teacher"]["fol"]["error"] == 1
+    y = s["yield"]["teacher"]["fol"]
+    assert (y["problems"], y["with_correct"], y["with_incorrect"], y["with_both"]) == (3, 2, 2, 1)
+    assert y["share_with_both"] == pytest.approx(1 / 3)
+    t = s["tokens"]["teacher"]
+    assert (t["chains"], t["prompt_tokens"], t["completion_tokens"], t["retries"]) == (7, 700, 70, 7)
+    assert t["cost"] == pytest.approx((700 * 1.0 + 70 * 2.0) / 1e6)

@@ -1,0 +1,322 @@
+"""Preference pairs from labelled chains, in the conversational format TRL's DPOTrainer reads.
+
+A pair is (prompt, chosen, rejected) for one problem: the prompt exactly as the agent sent it
+(system message with the functions, the worked example, the problem), the chosen completion
+from a verified correct chain, the rejected one from a finished incorrect chain. Completions
+are message lists: the assistant's calls and the function results between them.
+
+Strategies (`strategy=`):
+- `all`: every correct x incorrect pair of a problem, at most `max_pairs_per_problem`
+  (a seeded sample when there are more).
+- `random`: one seeded random pair per problem.
+- `first_divergence`: the two chains share a history up to the first assistant turn where
+  they differ; the prompt is that shared history, chosen and rejected are the two next
+  assistant turns alone. The model is then trained on its own decisions only, never on
+  function-result tokens (TRL scores every token of a multi-message completion).
+
+With `use_reference=True`, the task's reference chains serve as chosen for the problems the
+teacher never solved. Pairs are split into train and validation *by problem*, seeded, so the
+same inputs give a byte-identical dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+STRATEGIES = ("all", "random", "first_divergence")
+REFERENCE = "reference"
+Record = Mapping[str, Any]
+
+
+@dataclass
+class PairSet:
+    """The pairs of a run, split by problem, and what happened to the candidates."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def verified(record: Record) -> bool:
+    """A correct chain whose final answer is what its own calls computed.
+
+    The task's checker already compared the answer with the gold one (and, for FOL, that the
+    chain looked up the facts); here the answer must also be the result of an earlier
+    successful call of the same chain, not a number or truth value typed from nowhere.
+    """
+    if record["outcome"] != "correct" or not record["calls"]:
+        return False
+    final = record["calls"][-1]
+    computed = [c["result"] for c in record["calls"][:-1] if c["kind"] == "ok"]
+    return final["kind"] == "ok" and any(_same(record["final_answer"], v) for v in computed)
+
+
+def incorrect(record: Record) -> bool:
+    """A finished chain that failed: a wrong (or unverified) answer, no answer, bad calls, too many steps."""
+    return record["outcome"] not in ("correct", "error") and record.get("source") != REFERENCE
+
+
+def prompt_of(record: Record) -> list[dict[str, Any]]:
+    return [dict(m) for m in record["messages"][: record["n_prompt"]]]
+
+
+def completion_of(record: Record) -> list[dict[str, Any]]:
+    """The chain after its prompt, ending at its last assistant turn (trailing feedback dropped)."""
+    rest = [dict(m) for m in record["messages"][record["n_prompt"] :]]
+    while rest and rest[-1]["role"] != "assistant":
+        rest.pop()
+    return rest
+
+
+def _divergence(chosen: Record, rejected: Record) -> dict[str, Any] | None:
+    """Prompt = shared history; chosen/rejected = the first assistant turns that differ."""
+    a, b = chosen["messages"], rejected["messages"]
+    i = chosen["n_prompt"]
+    while i < len(a) and i < len(b) and a[i] == b[i]:
+        i += 1
+    if i >= len(a) or i >= len(b) or a[i]["role"] != "assistant" or b[i]["role"] != "assistant":
+        return None
+    return {"prompt": [dict(m) for m in a[:i]], "chosen": [dict(a[i])], "rejected": [dict(b[i])], "step": i - chosen["n_prompt"]}
+
+
+def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, Any] | None, str]:
+    """One pair, or None and why not."""
+    if prompt_of(chosen) != prompt_of(rejected) or chosen.get("tools") != rejected.get("tools"):
+        return None, "prompts differ (other protocol or settings)"
+    if strategy == "first_divergence":
+        body = _divergence(chosen, rejected)
+        if body is None:
+            return None, "no diverging assistant turn"
+    else:
+        body = {"prompt": prompt_of(chosen), "chosen": completion_of(chosen), "rejected": completion_of(rejected), "step": 0}
+    if not body["chosen"] or not body["rejected"]:
+        return None, "empty completion"
+    if body["chosen"] == body["rejected"]:
+        return None, "chosen identical to rejected"
+    pair = {
+        "problem_id": chosen["problem_id"],
+        "task": chosen["task"],
+        "strategy": strategy,
+        **body,
+        "chosen_source": chosen["source"],
+        "chosen_sample": chosen["sample"],
+        "rejected_source": rejected["source"],
+        "rejected_sample": rejected["sample"],
+        "rejected_outcome": rejected["outcome"],
+    }
+    if chosen.get("tools"):
+        pair["tools"] = json.dumps(chosen["tools"])
+    return pair, ""
+
+
+def build_pairs(
+    records: Sequence[Record],
+    strategy: str = "first_divergence",
+    max_pairs_per_problem: int = 4,
+    use_reference: bool = False,
+    validation_share: float = 0.1,
+    seed: int = 0,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> PairSet:
+    """Pairs from chain records (see the module docstring); `stats` says what was kept and dropped.
+
+    With a `tokenizer` (the student's), each pair's prompt+chosen and prompt+rejected are
+    rendered with its chat template and counted; pairs longer than `max_length` tokens are
+    dropped and counted.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if max_pairs_per_problem < 1 or not 0 <= validation_share < 1:
+        raise ValueError("max_pairs_per_problem must be >= 1 and validation_share in [0, 1)")
+    if max_length is not None and tokenizer is None:
+        raise ValueError("max_length needs the student's tokenizer to count tokens")
+    if not records:
+        raise ValueError("no chains given: run notebook 02 first")
+    missing = {"problem_id", "task", "source", "sample", "messages", "n_prompt", "calls", "outcome", "final_answer"} - set(records[0])
+    if missing:
+        raise ValueError(f"chain records lack {sorted(missing)}: not a chains.jsonl of this project?")
+
+    by_problem: dict[str, list[Record]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    dropped: Counter[str] = Counter()
+    pairs_by_problem: dict[str, list[dict[str, Any]]] = {}
+    for pid in sorted(by_problem):
+        chains = sorted(by_problem[pid], key=lambda r: (r["source"], r["sample"]))
+        chosen = [r for r in chains if r["source"] != REFERENCE and verified(r)]
+        unverified = [r for r in chains if r["source"] != REFERENCE and r["outcome"] == "correct" and not verified(r)]
+        dropped["correct but not verified (not used as chosen)"] += len(unverified)
+        if not chosen and use_reference:
+            chosen = [r for r in chains if r["source"] == REFERENCE and verified(r)]
+        rejected = [r for r in chains if incorrect(r)]
+        if not chosen or not rejected:
+            dropped[f"problems without {'a verified correct' if not chosen else 'an incorrect'} chain"] += 1
+            continue
+        rng = random.Random(f"{seed}:{pid}")
+        combos = [(c, r) for c in chosen for r in rejected]
+        rng.shuffle(combos)
+        cap = 1 if strategy == "random" else max_pairs_per_problem
+        kept, seen = [], set()
+        for c, r in combos:
+            if len(kept) == cap:
+                break
+            pair, why = _pair(c, r, strategy)
+            if pair is None:
+                dropped[why] += 1
+                continue
+            sig = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+            if sig in seen:
+                dropped["duplicate pair"] += 1
+                continue
+            if tokenizer is not None:
+                pair["chosen_tokens"], pair["rejected_tokens"], pair["prompt_tokens"] = _lengths(tokenizer, pair)
+                if max_length is not None and pair["prompt_tokens"] + max(pair["chosen_tokens"], pair["rejected_tokens"]) > max_length:
+                    dropped[f"longer than max_length={max_length} tokens"] += 1
+                    continue
+            seen.add(sig)
+            kept.append(pair)
+        if kept:
+            pairs_by_problem[pid] = kept
+
+    problems = sorted(pairs_by_problem)
+    random.Random(f"split-{seed}").shuffle(problems)
+    n_val = round(validation_share * len(problems))
+    if validation_share > 0 and n_val == 0 and len(problems) >= 2:
+        n_val = 1
+    val_ids = set(problems[:n_val])
+    train = [p for pid in sorted(pairs_by_problem) if pid not in val_ids for p in pairs_by_problem[pid]]
+    validation = [p for pid in sorted(pairs_by_problem) if pid in val_ids for p in pairs_by_problem[pid]]
+    stats = _stats(records, train, validation, dropped, strategy, max_pairs_per_problem, use_reference, seed, max_length)
+    return PairSet(train, validation, stats)
+
+
+def _lengths(tokenizer: Any, pair: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Completion tokens of chosen and rejected, and prompt tokens, by the student's chat template."""
+    tools = json.loads(pair["tools"]) if pair.get("tools") else None
+
+    def count(messages: list[dict[str, Any]], generation_prompt: bool = False) -> int:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt = count(pair["prompt"], generation_prompt=True)
+    return count(pair["prompt"] + pair["chosen"]) - prompt, count(pair["prompt"] + pair["rejected"]) - prompt, prompt
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}  # fmt: skip
+
+
+def _stats(records, train, validation, dropped, strategy, cap, use_reference, seed, max_length) -> dict[str, Any]:
+    all_pairs = train + validation
+    per_task: dict[str, dict[str, Any]] = {}
+    for task in sorted({r["task"] for r in records}):
+        problems = {r["problem_id"] for r in records if r["task"] == task}
+        with_pairs = {p["problem_id"] for p in all_pairs if p["task"] == task}
+        per_task[task] = {
+            "problems": len(problems),
+            "problems_with_pairs": len(with_pairs),
+            "pair_yield": round(len(with_pairs) / len(problems), 4) if problems else 0.0,
+            "train_pairs": sum(p["task"] == task for p in train),
+            "validation_pairs": sum(p["task"] == task for p in validation),
+            "chosen_from_reference": sum(p["task"] == task and p["chosen_source"] == REFERENCE for p in all_pairs),
+        }
+    lengths = {}
+    if all_pairs and "chosen_tokens" in all_pairs[0]:
+        lengths = {side: _summary([p[f"{side}_tokens"] for p in all_pairs]) for side in ("prompt", "chosen", "rejected")}
+    return {
+        "strategy": strategy,
+        "max_pairs_per_problem": cap,
+        "use_reference": use_reference,
+        "seed": seed,
+        "max_length": max_length,
+        "chains": len(records),
+        "train_pairs": len(train),
+        "validation_pairs": len(validation),
+        "train_problems": len({p["problem_id"] for p in train}),
+        "validation_problems": len({p["problem_id"] for p in validation}),
+        "per_task": per_task,
+        "rejected_outcomes": dict(sorted(Counter(p["rejected_outcome"] for p in all_pairs).items())),
+        "dropped": dict(sorted(dropped.items())),
+        "completion_tokens": lengths,
+    }
+
+
+CARD = """# Preference pairs: {run_name}
+
+Pairs for DPO built by fclib from the chains of `chains/chains.jsonl` (notebook 03). Conversational
+format: `prompt`, `chosen`, `rejected` are message lists as TRL's `DPOTrainer` reads them
+(a `tools` column holds the OpenAI tools schema when native tools were used).
+
+- Strategy: `{strategy}` (at most {cap} pairs per problem); reference chains as chosen: {use_reference}.
+- Chosen: verified correct chains (the answer equals the gold one and what the chain's own calls
+  computed; FOL chains must also have looked up the facts). Rejected: finished incorrect chains.
+- Split by problem (seed {seed}): {train_pairs} train pairs from {train_problems} problems,
+  {validation_pairs} validation pairs from {validation_problems} problems; no problem on both sides.
+
+| task | problems | with pairs | yield | train pairs | validation pairs | chosen from reference |
+|---|---|---|---|---|---|---|
+{task_rows}
+
+Completion lengths in student tokens (chosen vs rejected): {lengths}.
+A large gap is a bias a model can learn instead of correctness.
+
+Dropped: {dropped}.
+"""
+
+
+def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
+    """Write `train.jsonl`, `validation.jsonl`, a `datasets` DatasetDict (`dataset/`), `stats.json`, `README.md`."""
+    from datasets import Dataset, DatasetDict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", pairs.train), ("validation", pairs.validation)):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    (folder / "stats.json").write_text(json.dumps(pairs.stats, indent=2, sort_keys=True) + "\n")
+    s = pairs.stats
+    rows = "\n".join(
+        f"| {t} | {v['problems']} | {v['problems_with_pairs']} | {v['pair_yield']:.1%} | {v['train_pairs']} | "
+        f"{v['validation_pairs']} | {v['chosen_from_reference']} |"
+        for t, v in s["per_task"].items()
+    )
+    lengths = s["completion_tokens"]
+    shown = (f"chosen mean {lengths['chosen'].get('mean')}, rejected mean {lengths['rejected'].get('mean')}"
+             if lengths else "not counted")  # fmt: skip
+    dropped = ", ".join(f"{v} {k}" for k, v in s["dropped"].items()) or "nothing"
+    (folder / "README.md").write_text(CARD.format(run_name=run_name or folder.parent.name, strategy=s["strategy"],
+        cap=s["max_pairs_per_problem"], use_reference=s["use_reference"], seed=s["seed"], train_pairs=s["train_pairs"],
+        train_problems=s["train_problems"], validation_pairs=s["validation_pairs"],
+        validation_problems=s["validation_problems"], task_rows=rows, lengths=shown, dropped=dropped))  # fmt: skip
+    splits = {name: Dataset.from_list(rows) for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}
+    DatasetDict(splits).save_to_disk(str(folder / "dataset"))
+    return folder
+
+
+def load_pairs(folder: str | Path) -> Any:
+    """The saved DatasetDict, ready for DPOTrainer (train and, when any, validation)."""
+    from datasets import load_from_disk
+
+    path = Path(folder) / "dataset"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no preference dataset at {path}: run notebook 03 first")
+    return load_from_disk(str(path))

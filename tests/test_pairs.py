@@ -8,17 +8,9 @@ import math
 
 import pytest
 
-from fclib.agent import AgentConfig, run_chains
-from fclib.llm import ScriptedBackend
 from fclib.pairs import build_pairs, load_pairs, save_pairs, verified
-from fclib.tasks import TASKS, fol, gsm8k, reference_script
-
-
-def chain(problem, script, sample=0, source="teacher"):
-    backend = ScriptedBackend({problem.question: script}, model_id=source)
-    (c,) = run_chains(backend, TASKS, [problem], AgentConfig(max_steps=8, max_retries=1), samples=[sample],
-                      progress=False, source=source)  # fmt: skip
-    return c.to_dict()
+from fclib.tasks import fol, gsm8k, reference_script
+from tests.helpers import fol_chains, scripted_chain
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +18,9 @@ def fol_problems():
     return fol.generate(12, seed=5, nmax=4, split="train")
 
 
-def chains_for(problem):
-    """Two verified chains, a lucky guess, a chain of bad calls, and the reference."""
-    ref = reference_script(problem)
-    guess = f"answer(value={problem.answer})"
-    return [
-        chain(problem, ref, 0),
-        chain(problem, ref, 1),
-        chain(problem, [ref[0], guess], 2),  # right answer, facts not looked up: rejected
-        chain(problem, [ref[0], "look()", "look()"], 3),
-        chain(problem, ref, 0, source="reference"),
-    ]
-
-
 @pytest.fixture(scope="module")
 def records(fol_problems):
-    return [r for p in fol_problems for r in chains_for(p)]
+    return [r for p in fol_problems for r in fol_chains(p)]
 
 
 def test_labels_and_the_all_strategy(records, fol_problems):
@@ -84,7 +63,7 @@ def test_random_and_first_divergence(records, fol_problems):
 def test_reference_as_chosen_only_when_asked(fol_problems):
     p = fol_problems[0]
     ref = reference_script(p)
-    records = [chain(p, [ref[0], "look()", "look()"], 0), chain(p, ref, 0, source="reference")]
+    records = [scripted_chain(p, [ref[0], "look()", "look()"], 0), scripted_chain(p, ref, 0, source="reference")]
     assert build_pairs(records, strategy="all").stats["train_pairs"] == 0
     with_ref = build_pairs(records, strategy="all", use_reference=True, validation_share=0)
     assert [pair["chosen_source"] for pair in with_ref.train] == ["reference"]
@@ -93,9 +72,9 @@ def test_reference_as_chosen_only_when_asked(fol_problems):
 
 def test_an_unverified_correct_gsm8k_chain_is_not_chosen(gsm8k_dir):
     p = next(p for p in gsm8k.load("train", gsm8k_dir)[:20] if len(reference_script(p)) > 2)
-    typed = chain(p, [f"final_answer(value={p.answer})"], 0)
+    typed = scripted_chain(p, [f"final_answer(value={p.answer})"], 0)
     assert typed["outcome"] == "correct" and not verified(typed)
-    wrong = chain(p, [reference_script(p)[0], "final_answer(value=-1)"], 1)
+    wrong = scripted_chain(p, [reference_script(p)[0], "final_answer(value=-1)"], 1)
     pairs = build_pairs([typed, wrong], strategy="all")
     assert pairs.stats["train_pairs"] == 0
     assert pairs.stats["dropped"]["correct but not verified (not used as chosen)"] == 1

@@ -1,0 +1,314 @@
+"""QLoRA / LoRA + DPO training of the student with TRL's DPOTrainer and a PEFT adapter.
+
+    result = train("outputs/cpu/pairs", "outputs/cpu", TrainSettings(student="embedded"))
+
+On CUDA the student loads in 4-bit nf4 (bitsandbytes) with bf16 compute and trains a LoRA
+adapter: QLoRA, as in the paper. On CPU it trains plain LoRA in fp32 (`bf16=False`). The
+reference model is the base with the adapter disabled, one copy in memory; with
+`precompute_ref=True` the reference log-probabilities are computed once before training.
+Checkpoints go to `model/checkpoints/`, and an interrupted training resumes from the last one.
+The adapter, the tokenizer and the exact settings are saved to `model/adapter/`, the log to
+`train/log_history.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+QUANTIZATION = ("auto", "4bit", "none")
+
+
+@dataclass
+class TrainSettings:
+    """What people tune. `quantization='auto'` means 4-bit on CUDA, none on CPU."""
+
+    student: str = "embedded"
+    quantization: str = "auto"  # auto | 4bit | none
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    beta: float = 0.1
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    truncation_mode: str = "keep_start"
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"])
+    loss_weights: list[float] | None = None
+    precompute_ref: bool = False
+    eval_steps: int = 10
+    save_steps: int = 10
+    logging_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION:
+            raise ValueError(f"quantization must be one of {QUANTIZATION}, not {self.quantization!r}")
+        if self.lora_r < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16:
+            raise ValueError("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
+        if self.beta <= 0 or self.learning_rate <= 0:
+            raise ValueError("beta and learning_rate must be > 0")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError("loss_weights needs one weight per loss_type")
+
+
+def use_4bit(settings: TrainSettings) -> bool:
+    """Whether this training loads the student in 4-bit; refuses 4-bit without CUDA, saying what to do."""
+    import torch
+
+    if settings.quantization == "4bit":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "quantization='4bit' (QLoRA) needs a CUDA GPU and none is visible. On CPU use quantization='none' "
+                "(or 'auto'), which trains plain LoRA in fp32."
+            )
+        return True
+    return settings.quantization == "auto" and torch.cuda.is_available()
+
+
+def load_base(student: str, four_bit: bool) -> tuple[Any, Any]:
+    """The student (4-bit nf4 with bf16 compute, or fp32) and its tokenizer."""
+    import torch
+
+    from fclib.models import load_model, load_tokenizer, resolve_model
+
+    try:
+        if not four_bit:
+            return load_model(student)
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                   bnb_4bit_use_double_quant=True)  # fmt: skip
+        source = resolve_model(student)
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+        return model, load_tokenizer(source)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load the student {student!r}: {e}. Offline, give 'embedded', 'tiny' or a local model folder."
+        ) from None
+
+
+def check_pairs(data: Any, tokenizer: Any, max_length: int) -> None:
+    """Clear errors for an empty or mis-shaped dataset, and for prompts longer than max_length."""
+    if "train" not in data or data["train"].num_rows == 0:
+        raise ValueError("the pair dataset has no training pairs: see pairs/stats.json ('dropped') and notebook 03")
+    missing = {"prompt", "chosen", "rejected"} - set(data["train"].column_names)
+    if missing:
+        raise ValueError(f"the pair dataset lacks the column(s) {sorted(missing)}: expected TRL's prompt/chosen/rejected")
+    first = data["train"][0]
+    if not (isinstance(first["prompt"], list) and first["prompt"] and isinstance(first["prompt"][0], dict)):
+        raise ValueError("prompt must be a list of chat messages (conversational format), as notebook 03 writes it")
+    longest = 0
+    for split in data.values():
+        for row in split.select_columns(["prompt"]):
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            longest = max(longest, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    if longest >= max_length:
+        raise ValueError(
+            f"max_length={max_length} is shorter than the longest prompt ({longest} tokens): every completion token of "
+            f"such a pair would be cut. Raise max_length above {longest} (or drop long pairs in notebook 03)."
+        )
+
+
+def dpo_config(settings: TrainSettings, output_dir: Path, four_bit: bool, has_eval: bool) -> Any:
+    """The DPOConfig of a training; bf16 only where CUDA is."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        truncation_mode=settings.truncation_mode,
+        loss_type=list(settings.loss_type),
+        loss_weights=list(settings.loss_weights) if settings.loss_weights else None,
+        precompute_ref_log_probs=settings.precompute_ref,
+        bf16=four_bit,
+        use_cpu=not four_bit and not _cuda(),
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to=[],
+        gradient_checkpointing=four_bit,
+        disable_tqdm=False,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def lora_config(settings: TrainSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")  # fmt: skip
+
+
+def make_trainer(pairs_dir: str | Path, run_folder: str | Path, settings: TrainSettings, callbacks: list | None = None) -> Any:
+    """A DPOTrainer on the saved pairs, the student, a fresh LoRA adapter (not yet trained)."""
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    from fclib.pairs import load_pairs
+
+    set_seed(settings.seed)
+    four_bit = use_4bit(settings)
+    data = load_pairs(pairs_dir)
+    model, tokenizer = load_base(settings.student, four_bit)
+    check_pairs(data, tokenizer, settings.max_length)
+    if four_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    has_eval = "validation" in data and data["validation"].num_rows > 0
+    args = dpo_config(settings, Path(run_folder) / "model" / "checkpoints", four_bit, has_eval)
+    return DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"] if has_eval else None,
+                      processing_class=tokenizer, peft_config=lora_config(settings), callbacks=callbacks)  # fmt: skip
+
+
+@contextmanager
+def completion_only_scoring() -> Iterator[None]:
+    """Score only the completion tokens on CPU too: same loss and gradients, far less work.
+
+    TRL computes each sequence's log-probabilities with a chunked LM-head kernel. On CUDA it
+    feeds the kernel only the positions whose labels count (the completion); elsewhere it
+    feeds every position (the whole prompt and the padding) and masks the result afterwards,
+    a choice made for devices that recompile on every new shape. On CPU that is the prompt's
+    ~900 tokens times the vocabulary for a ~12-token completion. This selects TRL's compact
+    indexing on every device; the kernel itself still runs its torch code on CPU. The test
+    suite checks that loss and gradients are identical (tests/test_train.py).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True  # read by the fused forward only to choose the compact indexing
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def last_checkpoint(run_folder: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(run_folder) / "model" / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(
+    pairs_dir: str | Path, run_folder: str | Path, settings: TrainSettings, resume: bool = True, callbacks: list | None = None
+) -> dict[str, Any]:
+    """Train, save the adapter and the log; resumes from the last checkpoint when there is one."""
+    run_folder = Path(run_folder)
+    checkpoint = last_checkpoint(run_folder) if resume else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    with completion_only_scoring():
+        trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if not math.isfinite(result.training_loss):
+        raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
+    adapter = run_folder / "model" / "adapter"
+    trainer.model.save_pretrained(str(adapter))
+    trainer.processing_class.save_pretrained(str(adapter))
+    info = {"settings": asdict(settings), "quantized_4bit": use_4bit(settings), "resumed_from": checkpoint,
+            "global_step": result.global_step, "training_loss": result.training_loss,
+            "trainable_parameters": trainable_parameters(trainer.model)}  # fmt: skip
+    (adapter / "fclib_training.json").write_text(json.dumps(info, indent=2))
+    (adapter / "dpo_config.json").write_text(trainer.args.to_json_string())
+    (run_folder / "train").mkdir(parents=True, exist_ok=True)
+    (run_folder / "train" / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return info
+
+
+def trainable_parameters(model: Any) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool = False) -> tuple[Any, Any]:
+    """Base + trained adapter for evaluation (in fp32 on CPU); `merge=True` folds the adapter into the weights.
+
+    The base is read from the adapter's training settings unless given. Merging always starts
+    from the full-precision base, never from the 4-bit one.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from fclib.models import load_model
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no trained adapter at {adapter_dir}: run notebook 04 first")
+    if base is None:
+        base = json.loads((adapter_dir / "fclib_training.json").read_text())["settings"]["student"]
+    model, _ = load_model(base)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def completion_logp(model: Any, tokenizer: Any, prompt: list[dict], completion: list[dict], tools: Any = None) -> float:
+    """Sum of the model's log-probabilities of a completion's tokens after the prompt (chat template)."""
+    import torch
+
+    def ids(messages: list[dict], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head, full = ids(prompt, True), ids(prompt + completion, False)
+    if full[: len(head)] != head:
+        raise ValueError("the rendered prompt is not a prefix of prompt + completion")
+    x = torch.tensor([full], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=x).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    return float(logps[len(head) - 1 :].sum())
+
+
+def policy_margins(model: Any, tokenizer: Any, pairs: Any) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair under `model` (DPO raises this margin)."""
+    out = []
+    for pair in pairs:
+        tools = json.loads(pair["tools"]) if pair.get("tools") else None
+        chosen = completion_logp(model, tokenizer, pair["prompt"], pair["chosen"], tools)
+        rejected = completion_logp(model, tokenizer, pair["prompt"], pair["rejected"], tools)
+        out.append(chosen - rejected)
+    return out
+
+
+def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None = None) -> Path:
+    """A standalone merged model (full precision) with its tokenizer."""
+    model, tokenizer = load_student(adapter_dir, base, merge=True)
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return Path(target)

@@ -1,0 +1,143 @@
+"""LoRA + DPO training on the tiny model: it learns, saves, reloads, merges and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fclib.pairs import PairSet, build_pairs, save_pairs
+from fclib.tasks import fol
+from fclib.train import TrainSettings, last_checkpoint, load_student, merge_and_save, policy_margins, train
+from tests.helpers import fol_chains
+
+FAST = dict(student="tiny", batch_size=2, max_length=1024, learning_rate=5e-3, save_steps=2, eval_steps=2, lora_r=4)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    records = [r for p in fol.generate(6, seed=2, nmax=4, split="train") for r in fol_chains(p)]
+    folder = tmp_path_factory.mktemp("pairs")
+    save_pairs(build_pairs(records, strategy="first_divergence", validation_share=0.34), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(pairs_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    info = train(pairs_dir, run, TrainSettings(max_steps=4, **FAST))
+    return run, info
+
+
+@pytest.mark.slow
+def test_training_learns_and_writes_its_outputs(trained):
+    run, info = trained
+    assert info["global_step"] == 4 and math.isfinite(info["training_loss"]) and not info["quantized_4bit"]
+    assert 0 < info["trainable_parameters"]["trainable"] < info["trainable_parameters"]["total"]
+    adapter = run / "model" / "adapter"
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b)  # initialised to zero, moved by training
+    assert (adapter / "tokenizer_config.json").is_file()
+    saved = json.loads((adapter / "fclib_training.json").read_text())
+    assert saved["settings"]["student"] == "tiny" and saved["settings"]["loss_type"] == ["sigmoid", "sft"]
+    assert json.loads((adapter / "dpo_config.json").read_text())["beta"] == 0.1
+    log = json.loads((run / "train" / "log_history.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    assert any("eval_rewards/margins" in e for e in log)
+    assert last_checkpoint(run).endswith("checkpoint-4")
+
+
+@pytest.mark.slow
+def test_reload_and_merge_give_the_same_logits(trained, tmp_path):
+    run, _ = trained
+    adapter = run / "model" / "adapter"
+    model, tok = load_student(adapter)
+    merged_dir = merge_and_save(adapter, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    x = tok("holds(predicate='red', individual='a')", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        a, b = model(input_ids=x).logits, merged(input_ids=x).logits
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, base, atol=1e-4)  # the adapter does something
+
+
+@pytest.mark.slow
+def test_margins_rise_on_the_training_pairs(trained, pairs_dir):
+    from fclib.pairs import load_pairs
+
+    run, _ = trained
+    model, tok = load_student(run / "model" / "adapter")
+    pairs = list(load_pairs(pairs_dir)["train"])[:4]
+    after = policy_margins(model, tok, pairs)
+    with model.disable_adapter():
+        before = policy_margins(model, tok, pairs)
+    assert sum(after) > sum(before)
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_resumes_from_its_checkpoint(pairs_dir, tmp_path):
+    train(pairs_dir, tmp_path, TrainSettings(max_steps=2, **FAST))
+    assert last_checkpoint(tmp_path).endswith("checkpoint-2")
+    info = train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST))
+    assert info["resumed_from"].endswith("checkpoint-2") and info["global_step"] == 4
+    log = json.loads((tmp_path / "train" / "log_history.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+
+
+def test_clear_errors(pairs_dir, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization='none'"):
+            train(pairs_dir, tmp_path, TrainSettings(quantization="4bit", **FAST))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(pairs_dir, tmp_path, TrainSettings(**{**FAST, "student": str(tmp_path / "no-model")}))
+    with pytest.raises(ValueError, match="shorter than the longest prompt"):
+        train(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_length": 64}))
+    empty = tmp_path / "empty"
+    save_pairs(PairSet([], [], build_pairs([fol_chains(fol.generate(1, seed=0, nmax=4)[0])[3]]).stats), empty)
+    with pytest.raises(ValueError, match="no training pairs"):
+        train(empty, tmp_path, TrainSettings(**FAST))
+    with pytest.raises(FileNotFoundError, match="run notebook 03"):
+        train(tmp_path / "nothing", tmp_path, TrainSettings(**FAST))
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        TrainSettings(quantization="8bit")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_4bit_on_cuda(pairs_dir, tmp_path):
+    info = train(pairs_dir, tmp_path, TrainSettings(quantization="4bit", max_steps=2, **FAST))
+    assert info["quantized_4bit"] and math.isfinite(info["training_loss"])
+
+
+@pytest.mark.slow
+def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tmp_path):
+    from fclib.train import completion_only_scoring, make_trainer
+
+    results = []
+    for compact in (False, True):
+        settings = TrainSettings(**{**FAST, "max_steps": 1})
+        if compact:
+            with completion_only_scoring():
+                trainer = make_trainer(pairs_dir, tmp_path, settings)
+                batch = next(iter(trainer.get_train_dataloader()))
+                loss = trainer.compute_loss(trainer.model, batch)
+        else:
+            trainer = make_trainer(pairs_dir, tmp_path, settings)
+            batch = next(iter(trainer.get_train_dataloader()))
+            loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert grads_a and loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], atol=1e-6), name

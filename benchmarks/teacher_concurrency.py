@@ -13,29 +13,17 @@ The last line is `ratio: <concurrency 8 / concurrency 1>` on the continuous-batc
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
+from common import chain_arguments, chains_per_minute
 
-from fclib.agent import AgentConfig, outcome_counts, run_chains
+from fclib.agent import AgentConfig
 from fclib.llm import LocalBackend
 from fclib.serve import LocalServer
-from fclib.tasks import TASKS, fol
-
-
-def chains_per_minute(backend, problems, config) -> tuple[float, dict]:
-    t0 = time.perf_counter()
-    chains = run_chains(backend, TASKS, problems, config, progress=False)
-    return len(chains) / (time.perf_counter() - t0) * 60, outcome_counts(chains)
+from fclib.tasks import fol
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="embedded")
-    ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4, help="agent steps per chain")
-    args = ap.parse_args()
+    args = chain_arguments(__doc__.splitlines()[0])
 
     problems = fol.generate(args.problems, seed=7, nmax=6, split="train")
     config = AgentConfig(max_steps=args.steps)

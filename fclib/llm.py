@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -69,9 +70,25 @@ class ChatBackend(Protocol):
 
 
 class LocalBackend:
-    """A transformers causal LM generating for a batch of conversations at once."""
+    """A transformers causal LM generating for a batch of conversations at once.
 
-    def __init__(self, model: Any, tokenizer: Any, model_id: str | None = None, batch_size: int = 16):
+    Multi-turn chains re-send the whole conversation every turn: a prompt of ~900 tokens for a
+    ~15-token call. The backend keeps the attention keys and values of each conversation's
+    prompt (`prefix_cache`, least recently used first out beyond `cache_tokens` tokens) and
+    on the next turn computes only the tokens that are new; rows of one batch may reuse
+    caches of different lengths. Reuse is decided on token ids alone (the longest common
+    prefix), so it never changes what is computed, only how much.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str | None = None,
+        batch_size: int = 16,
+        prefix_cache: bool = True,
+        cache_tokens: int = 150_000,
+    ):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -79,6 +96,9 @@ class LocalBackend:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.prefix_cache, self.cache_tokens = prefix_cache, cache_tokens
+        self._cache: OrderedDict[int, tuple[list[int], list[tuple[Any, Any]]]] = OrderedDict()
+        self.cache_stats = {"prompt_tokens": 0, "reused_tokens": 0}
 
     @classmethod
     def load(cls, name: str, batch_size: int = 16, **kwargs: Any) -> "LocalBackend":
@@ -97,31 +117,75 @@ class LocalBackend:
         """Number of prompt tokens of a conversation."""
         return len(self.tokenizer(self.render(conversation, tools), add_special_tokens=False)["input_ids"])
 
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
     def chat(
         self, conversations: Sequence[list[Message]], settings: GenerationSettings, tools: list[dict] | None = None
     ) -> list[Reply]:
         """Generate one reply per conversation, `batch_size` conversations at a time."""
-        prompts = [self.render(c, tools) for c in conversations]
+        ids = [self.tokenizer(self.render(c, tools), add_special_tokens=False)["input_ids"] for c in conversations]
+        keys = [id(c) for c in conversations]
         # Batches of similar length waste less on padding; results go back in input order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        replies: list[Reply | None] = [None] * len(prompts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        replies: list[Reply | None] = [None] * len(ids)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for i, reply in zip(idx, self._generate([prompts[i] for i in idx], settings)):
+            for i, reply in zip(idx, self._generate([ids[i] for i in idx], [keys[i] for i in idx], settings)):
                 replies[i] = reply
         return replies  # type: ignore[return-value]
 
-    def _generate(self, prompts: list[str], settings: GenerationSettings) -> list[Reply]:
+    def _reusable(self, key: int, ids: list[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
+        """How many leading tokens of `ids` have cached keys/values, and those caches."""
+        entry = self._cache.get(key) if self.prefix_cache else None
+        if entry is None:
+            return 0, None
+        cached_ids, kv = entry
+        n = 0
+        for a, b in zip(cached_ids, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)  # at least one token must be computed to get the next logits
+        return n, (kv if n > 0 else None)
+
+    def _store(self, key: int, ids: list[int], kv: list[tuple[Any, Any]]) -> None:
+        self._cache[key] = (ids, kv)
+        self._cache.move_to_end(key)
+        total = sum(len(v[0]) for v in self._cache.values())
+        while self._cache and total > self.cache_tokens:
+            _, (old, _) = self._cache.popitem(last=False)
+            total -= len(old)
+
+    def _generate(self, rows: list[list[int]], keys: list[int], settings: GenerationSettings) -> list[Reply]:
         import torch
 
         tok = self.tokenizer
         t0 = time.perf_counter()
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        device = self.model.device
+        reuse = [self._reusable(k, r) for k, r in zip(keys, rows)]
+        cached = [n for n, _ in reuse]
+        C = max(cached)
+        N = max(len(r) - c for r, c in zip(rows, cached))
+        pad = tok.pad_token_id
+        # Row layout: [pad, cached prefix | pad, new tokens]; masked pads get no position (positions
+        # come from the mask's cumulative sum), so every real token keeps the position it had.
+        input_ids = torch.full((len(rows), C + N), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), C + N), dtype=torch.long)
+        for i, (r, c) in enumerate(zip(rows, cached)):
+            input_ids[i, C - c : C] = torch.tensor(r[:c], dtype=torch.long)
+            mask[i, C - c : C] = 1
+            new = r[c:]
+            input_ids[i, C + N - len(new) :] = torch.tensor(new, dtype=torch.long)
+            mask[i, C + N - len(new) :] = 1
         kwargs: dict[str, Any] = dict(
             max_new_tokens=settings.max_tokens,
-            pad_token_id=tok.pad_token_id,
+            pad_token_id=pad,
             do_sample=settings.temperature > 0,
+            return_dict_in_generate=True,
         )
+        if C > 0:
+            kwargs["cache"] = self._stacked_cache(reuse, C, device)
         if settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # the model's generation_config may carry sampling defaults that greedy must not warn about
@@ -131,13 +195,19 @@ class LocalBackend:
         kwargs.update(settings.extra)
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(settings.seed)
-            out = self.model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1] :]
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        if self.prefix_cache and out.cache is not None:
+            layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            for i, (r, key) in enumerate(zip(rows, keys)):
+                keep = mask[i].nonzero()[:, 0].to(device)  # this row's real prompt positions, in order
+                self._store(key, list(r), [(k[i : i + 1, :, keep], v[i : i + 1, :, keep]) for k, v in layers])
+        self.cache_stats["prompt_tokens"] += sum(len(r) for r in rows)
+        self.cache_stats["reused_tokens"] += sum(cached)
+        new = out.sequences[:, C + N :]
         elapsed = time.perf_counter() - t0
         stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
-        prompt_lens = batch["attention_mask"].sum(dim=1).tolist()
         replies = []
-        for row, n_prompt in zip(new.tolist(), prompt_lens):
+        for row, n_prompt in zip(new.tolist(), (len(r) for r in rows)):
             n = next((i for i, t in enumerate(row) if t in stops), len(row))
             ended = n < len(row)
             text = tok.decode(row[:n], skip_special_tokens=True)
@@ -153,6 +223,24 @@ class LocalBackend:
                 )
             )
         return replies
+
+    def _stacked_cache(self, reuse: list[tuple[int, Any]], C: int, device: Any) -> Any:
+        """One batch cache of length C from per-row caches, each right-aligned, zeros (masked) before."""
+        import torch
+        from transformers import DynamicCache
+
+        template = next(kv for _, kv in reuse if kv is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            shape = (len(reuse), k0.shape[1], C, k0.shape[3])
+            K = torch.zeros(shape, dtype=k0.dtype, device=device)
+            V = torch.zeros((len(reuse), v0.shape[1], C, v0.shape[3]), dtype=v0.dtype, device=device)
+            for i, (n, kv) in enumerate(reuse):
+                if n > 0:
+                    K[i, :, C - n :] = kv[layer][0][0, :, :n]
+                    V[i, :, C - n :] = kv[layer][1][0, :, :n]
+            layers.append((K, V))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
 
 class EndpointError(RuntimeError):

@@ -73,3 +73,22 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert json.loads((run / "chains" / "summary.json").read_text())["k"] == 2
     for name in ("teacher_outcomes", "teacher_yield"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000
+
+    stats = json.loads((run / "pairs" / "stats.json").read_text())
+    assert stats["train_pairs"] > 0 and (run / "pairs" / "dataset" / "dataset_dict.json").is_file()
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    log = json.loads((run / "train" / "log_history.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+
+    results = [json.loads(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in results} == {"base", "dpo"} and all(CHAIN_FIELDS <= set(r) for r in results)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    for label in ("base", "dpo"):
+        for task in ("fol", "gsm8k"):
+            m = metrics["models"][label][task]
+            assert m["n"] == 2 and 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1] <= 1
+    assert set(metrics["paired"]) == {"fol", "gsm8k"} and "p_value" in metrics["paired"]["fol"]
+    report = (run / "report.md").read_text()
+    assert "| dpo | fol |" in report and "McNemar" in report
+    for name in ("training_curves", "margins_before_after", "pair_lengths", "eval_accuracy", "eval_outcomes"):
+        assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name

@@ -1,0 +1,223 @@
+"""Evaluation: the same agent on held-out problems, honest statistics, a report.
+
+    records = evaluate(backend, test_problems, run / "eval" / "results.jsonl", label="base", config=config)
+    m = metrics(all_records, problems)            # the eval/metrics.json shape of DESIGN.md
+
+Results are chain records (the chains.jsonl contract) with `source` = the model label
+(`base`, `dpo`, `teacher`), written as each chain ends and resumable exactly like teacher
+generation. Accuracy counts *verified* correct chains (FOL chains must derive their answer
+from the facts); `answer_accuracy` counts right final answers however they were reached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fclib.agent import OUTCOMES, AgentConfig
+from fclib.generate import generate
+from fclib.llm import ChatBackend
+from fclib.problems import Problem
+
+CALL_ERRORS = ("parse failure", "unknown function", "wrong arguments", "bad argument value", "function error")
+Record = Mapping[str, Any]
+
+
+def evaluate(
+    backend: ChatBackend,
+    problems: Sequence[Problem],
+    path: str | Path,
+    label: str,
+    config: AgentConfig | None = None,
+    samples: int = 1,
+    chunk_size: int = 64,
+    progress: bool = True,
+    overwrite: bool = True,
+) -> list[dict[str, Any]]:
+    """Run `backend` on every problem `samples` times (greedy by default); resumable.
+
+    Results of `label` made with other settings or another model (a retrained adapter) are
+    moved to a backup file and the model is evaluated again (`overwrite=False` refuses instead).
+    """
+    return generate(backend, problems, path, k=samples, config=config or AgentConfig(), source=label,
+                    chunk_size=chunk_size, progress=progress, overwrite=overwrite)  # fmt: skip
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    if n == 0:
+        return (0.0, 1.0)
+    lo, hi = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    return (float(lo), float(hi))
+
+
+def call_error(call: Record) -> str | None:
+    """The taxonomy class of a failed call, None for a successful one."""
+    kind, error = call["kind"], call.get("error") or ""
+    if kind == "ok":
+        return None
+    if kind == "parse_error":
+        return "parse failure"
+    if kind == "function_error":
+        return "function error"
+    if error.startswith("unknown function"):
+        return "unknown function"
+    if any(s in error for s in (" takes ", " has no parameter ", " is missing ", " twice")):
+        return "wrong arguments"
+    return "bad argument value"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] | None = None) -> dict[str, Any]:
+    """Metrics of one model on one task's records (all samples)."""
+    n = len(records)
+    correct = sum(r["outcome"] == "correct" for r in records)
+    calls = [c for r in records for c in r["calls"]]
+    errors = Counter(e for e in map(call_error, calls) if e)
+    out: dict[str, Any] = {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "correct": correct,
+        "ci95": list(wilson(correct, n)),
+        "answer_accuracy": sum(bool(r.get("answer_correct")) for r in records) / n if n else 0.0,
+        "valid_call_rate": sum(c["kind"] in ("ok", "function_error") for c in calls) / len(calls) if calls else 0.0,
+        "mean_calls": len(calls) / n if n else 0.0,
+        "answered": sum(r["outcome"] in ("correct", "wrong_answer") for r in records) / n if n else 0.0,
+        "outcomes": {o: sum(r["outcome"] == o for r in records) for o in OUTCOMES},
+        "call_errors": {e: errors.get(e, 0) for e in CALL_ERRORS},
+    }
+    samples = Counter(r["problem_id"] for r in records)
+    k = max(samples.values(), default=1)
+    if k > 1:
+        by_problem: dict[str, list[Record]] = {}
+        for r in records:
+            by_problem.setdefault(r["problem_id"], []).append(r)
+        out["samples_per_problem"] = k
+        out[f"pass@{k}"] = sum(pass_at_k(len(rs), sum(r["outcome"] == "correct" for r in rs), k) for rs in by_problem.values()) / len(by_problem)
+        votes = []
+        for rs in by_problem.values():
+            answers = Counter(repr(r["final_answer"]) for r in rs if r["final_answer"] is not None)
+            if not answers:
+                votes.append(False)
+                continue
+            top = answers.most_common(1)[0][0]
+            votes.append(any(r.get("answer_correct") for r in rs if repr(r["final_answer"]) == top))
+        out["majority_vote_answer_accuracy"] = sum(votes) / len(votes)
+    if problems is not None and records and records[0]["task"] == "fol":
+        sizes: dict[int, list[bool]] = {}
+        for r in records:
+            p = problems.get(r["problem_id"])
+            if p is not None:
+                sizes.setdefault(int(p.meta["n"]), []).append(r["outcome"] == "correct")
+        out["by_size"] = {str(s): {"accuracy": sum(v) / len(v), "n": len(v), "ci95": list(wilson(sum(v), len(v)))}
+                          for s, v in sorted(sizes.items())}  # fmt: skip
+    return out
+
+
+def paired_test(base: Sequence[Record], other: Sequence[Record]) -> dict[str, Any]:
+    """Two models on the same problems (sample 0): difference, its 95% CI, exact McNemar test.
+
+    b = problems base solves and the other does not, c = the reverse. The difference is
+    (c - b) / n; its interval is the Agresti-Min adjusted Wald interval for paired
+    proportions; the p-value is the exact two-sided binomial test on the b + c discordant
+    problems (exact McNemar).
+    """
+    from scipy.stats import binomtest
+
+    a_by = {r["problem_id"]: r["outcome"] == "correct" for r in base if r["sample"] == 0}
+    b_by = {r["problem_id"]: r["outcome"] == "correct" for r in other if r["sample"] == 0}
+    common = sorted(set(a_by) & set(b_by))
+    n = len(common)
+    both = sum(a_by[p] and b_by[p] for p in common)
+    b = sum(a_by[p] and not b_by[p] for p in common)
+    c = sum(not a_by[p] and b_by[p] for p in common)
+    neither = n - both - b - c
+    p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
+    bs, cs, ns = b + 0.5, c + 0.5, n + 2
+    diff_adj = (cs - bs) / ns
+    se = math.sqrt(max(0.0, (bs + cs) - (cs - bs) ** 2 / ns)) / ns
+    return {
+        "n": n,
+        "base_accuracy": (both + b) / n if n else 0.0,
+        "other_accuracy": (both + c) / n if n else 0.0,
+        "difference": (c - b) / n if n else 0.0,
+        "ci95": [max(-1.0, diff_adj - 1.96 * se), min(1.0, diff_adj + 1.96 * se)],
+        "table": {"both": both, "base_only": b, "other_only": c, "neither": neither},
+        "p_value": p_value,
+        "significant": p_value < 0.05,
+        "test": "exact McNemar (two-sided binomial on discordant problems)",
+    }
+
+
+def metrics(
+    records: Sequence[Record], problems: Sequence[Problem] | None = None, pair: tuple[str, str] = ("base", "dpo")
+) -> dict[str, Any]:
+    """`{"models": {label: {task: {...}}}, "paired": {task: {...}}}` for all evaluated records."""
+    by_id = {p.id: p for p in problems or []}
+    groups: dict[str, dict[str, list[Record]]] = {}
+    for r in records:
+        groups.setdefault(r["source"], {}).setdefault(r["task"], []).append(r)
+    models = {label: {task: summarize_model(rs, by_id or None) for task, rs in sorted(tasks.items())}
+              for label, tasks in groups.items()}  # fmt: skip
+    paired = {}
+    first, second = pair
+    if first in groups and second in groups:
+        for task in sorted(set(groups[first]) & set(groups[second])):
+            paired[task] = {"models": [first, second], **paired_test(groups[first][task], groups[second][task])}
+    return {"models": models, "paired": paired}
+
+
+def significance_sentence(task: str, p: Mapping[str, Any]) -> str:
+    """The paired comparison in words, saying plainly when it is not significant."""
+    first, second = p["models"]
+    diff = p["difference"] * 100
+    ci = f"95% CI {p['ci95'][0] * 100:+.1f} to {p['ci95'][1] * 100:+.1f} points"
+    t = p["table"]
+    core = (f"{task}: {second} {p['other_accuracy']:.1%} vs {first} {p['base_accuracy']:.1%} on the same {p['n']} problems, "
+            f"difference {diff:+.1f} points ({ci}); {second} alone solved {t['other_only']}, {first} alone {t['base_only']}; "
+            f"exact McNemar p = {p['p_value']:.3g}")  # fmt: skip
+    if p["significant"]:
+        return core + ": significant at the 5% level."
+    return core + ": **not significant** at the 5% level; this difference could be chance."
+
+
+def write_report(run_folder: str | Path, m: Mapping[str, Any], params: Mapping[str, Any], figures: Sequence[str] = ()) -> Path:
+    """`report.md` of a run: headline table, paired comparison, figures, parameters; readable on its own."""
+    import yaml
+
+    run_folder = Path(run_folder)
+    lines = [f"# fclib study: run `{run_folder.name}`", "",
+             "Accuracy counts verified correct chains on held-out test problems (a FOL chain must derive its answer "
+             "from the facts it looked up); 95% Wilson intervals. The same agent, prompts and functions served "
+             "generation, training and evaluation.", "",
+             "| model | task | accuracy (95% CI) | n | answer right | valid calls | answered | calls per chain |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, tasks in m["models"].items():
+        for task, x in tasks.items():
+            lines.append(f"| {label} | {task} | {x['accuracy']:.1%} ({x['ci95'][0]:.1%} to {x['ci95'][1]:.1%}) | {x['n']} | "
+                         f"{x['answer_accuracy']:.1%} | {x['valid_call_rate']:.1%} | {x['answered']:.1%} | {x['mean_calls']:.1f} |")  # fmt: skip
+    lines += ["", "## Paired comparison", ""]
+    if m["paired"]:
+        lines += [f"- {significance_sentence(task, p)}" for task, p in m["paired"].items()]
+    else:
+        lines.append("Only one of the two models was evaluated: no paired comparison.")
+    lines += ["", "## How the chains end", "", "| model | task | " + " | ".join(OUTCOMES) + " |", "|---|---|" + "---|" * len(OUTCOMES)]
+    for label, tasks in m["models"].items():
+        for task, x in tasks.items():
+            lines.append(f"| {label} | {task} | " + " | ".join(str(x["outcomes"][o]) for o in OUTCOMES) + " |")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).as_posix()})" for f in figures]
+    lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump(dict(params), sort_keys=False).strip(), "```", ""]
+    path = run_folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,88 @@
+"""Evaluation metrics on hand-made results with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fclib.evaluate import call_error, metrics, paired_test, pass_at_k, significance_sentence, wilson
+from fclib.problems import Problem
+
+
+def rec(label, pid, outcome, task="fol", sample=0, calls=None, answer_correct=None, final_answer=None):
+    return {"source": label, "problem_id": pid, "task": task, "sample": sample, "outcome": outcome,
+            "calls": calls or [], "answer_correct": outcome == "correct" if answer_correct is None else answer_correct,
+            "final_answer": final_answer}  # fmt: skip
+
+
+def test_wilson_interval_matches_the_formula():
+    lo, hi = wilson(8, 10)
+    z = 1.959963984540054
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-9)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_on_a_known_table():
+    # 20 problems: both solve 5, base only 3, dpo only 10, neither 2.
+    outcomes = [("correct", "correct")] * 5 + [("correct", "max_steps")] * 3 + [("wrong_answer", "correct")] * 10
+    outcomes += [("invalid_call", "max_steps")] * 2
+    base = [rec("base", f"p{i}", a) for i, (a, _) in enumerate(outcomes)]
+    dpo = [rec("dpo", f"p{i}", b) for i, (_, b) in enumerate(outcomes)]
+    p = paired_test(base, dpo)
+    assert p["table"] == {"both": 5, "base_only": 3, "other_only": 10, "neither": 2}
+    assert p["difference"] == pytest.approx(7 / 20)
+    assert p["p_value"] == pytest.approx(2 * (1 + 13 + 78 + 286) / 2**13)  # exact binomial, n=13, k<=3
+    assert not p["significant"] and "not significant" in significance_sentence("fol", {"models": ["base", "dpo"], **p})
+    lo, hi = p["ci95"]
+    assert lo < 7 / 20 < hi and -1 <= lo and hi <= 1
+    same = paired_test(base, base)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_taxonomy_rates_and_sizes():
+    calls_ok = [{"kind": "ok"}, {"kind": "ok"}]
+    calls_bad = [
+        {"kind": "parse_error", "error": "no call found"},
+        {"kind": "invalid_call", "error": "unknown function 'look'; the functions are ..."},
+        {"kind": "invalid_call", "error": "holds takes 2 argument(s), got 3"},
+        {"kind": "invalid_call", "error": "predicate must be one of 'red', 'blue'; got 'x'"},
+        {"kind": "function_error", "error": "division by zero"},
+    ]
+    assert [call_error(c) for c in calls_bad] == ["parse failure", "unknown function", "wrong arguments",
+                                                  "bad argument value", "function error"]  # fmt: skip
+    records = [rec("base", "a", "correct", calls=calls_ok), rec("base", "b", "invalid_call", calls=calls_bad),
+               rec("base", "c", "wrong_answer", answer_correct=True, calls=calls_ok),
+               rec("base", "d", "max_steps", calls=calls_ok)]  # fmt: skip
+    problems = [Problem(pid, "fol", "q", True, {"n": n}) for pid, n in zip("abcd", (2, 2, 5, 5))]
+    m = metrics(records, problems)["models"]["base"]["fol"]
+    assert (m["accuracy"], m["n"], m["answer_accuracy"]) == (0.25, 4, 0.5)
+    assert m["valid_call_rate"] == pytest.approx(7 / 11)  # ok and function_error calls are well formed
+    assert m["mean_calls"] == pytest.approx(11 / 4) and m["answered"] == 0.5
+    assert m["outcomes"]["max_steps"] == 1 and m["call_errors"]["unknown function"] == 1
+    assert m["by_size"] == {"2": {"accuracy": 0.5, "n": 2, "ci95": list(wilson(1, 2))},
+                            "5": {"accuracy": 0.0, "n": 2, "ci95": list(wilson(0, 2))}}  # fmt: skip
+
+
+def test_pass_at_k_and_majority_vote():
+    assert pass_at_k(4, 0, 4) == 0 and pass_at_k(4, 1, 4) == 1 and pass_at_k(5, 1, 2) == pytest.approx(0.4)
+    records = [rec("base", "a", o, sample=s, final_answer=v, answer_correct=ok, task="gsm8k")
+               for s, (o, v, ok) in enumerate([("correct", 3, True), ("wrong_answer", 4, False), ("correct", 3, True)])]
+    records += [rec("base", "b", "wrong_answer", sample=s, final_answer=9, answer_correct=False, task="gsm8k") for s in range(3)]
+    m = metrics(records)["models"]["base"]["gsm8k"]
+    assert m["samples_per_problem"] == 3 and m["pass@3"] == 0.5 and m["majority_vote_answer_accuracy"] == 0.5
+
+
+def test_report_reads_on_its_own(tmp_path):
+    base = [rec("base", f"p{i}", "correct" if i < 3 else "max_steps") for i in range(10)]
+    dpo = [rec("dpo", f"p{i}", "correct" if i < 6 else "max_steps") for i in range(10)]
+    from fclib.evaluate import write_report
+
+    path = write_report(tmp_path, metrics(base + dpo), {"run_name": "t", "seed": 0}, ["figures/eval_accuracy.png"])
+    text = path.read_text()
+    assert "| dpo | fol | 60.0% (" in text and "| base | fol | 30.0% (" in text
+    assert "exact McNemar p = 0.25" in text and "not significant" in text
+    assert "![eval_accuracy](figures/eval_accuracy.png)" in text and "run_name: t" in text

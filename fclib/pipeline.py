@@ -2,7 +2,8 @@
 
 Runs the numbered notebooks in order into `outputs/<run_name>/notebooks/`, passing one set of
 parameters to all of them (each notebook receives the ones its `parameters` cell declares),
-and stops at the first failing notebook. Writes `params.yaml` and `env.json` beside them.
+and stops at the first failing notebook. Writes `params.yaml`, `env.json` and the wall time of
+each notebook (`timings.json`) beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,51 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
         if key not in params:
             raise SystemExit(f"unknown parameter {key!r}; profile {name} has: {', '.join(params)}")
         if params[key] is not None and value is not None and type(value) is not type(params[key]):
-            if not (isinstance(params[key], float) and isinstance(value, int)):
+            widening = isinstance(params[key], float) and isinstance(value, int)
+            sizes = key == "nmax" and isinstance(value, (int, list))  # one size or several
+            if not (widening or sizes):
                 raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got {value!r}")
         params[key] = value
+    problems = validate(params, name)
+    if problems:
+        raise SystemExit("impossible parameters:\n- " + "\n- ".join(problems))
     return params
+
+
+def validate(params: dict[str, Any], profile: str = "") -> list[str]:
+    """What is wrong with a parameter set, before anything runs (empty when nothing is)."""
+    from fclib.pairs import STRATEGIES
+    from fclib.train import QUANTIZATION
+
+    p = params
+    wrong = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            wrong.append(message)
+
+    sizes = p["nmax"] if isinstance(p["nmax"], list) else [p["nmax"]]
+    need(bool(sizes) and all(isinstance(n, int) and n >= 2 for n in sizes), f"nmax must be integers >= 2, got {p['nmax']!r}")
+    need(p["fol_train"] + p["gsm8k_train"] > 0, "no training problems: fol_train and gsm8k_train are both 0")
+    need(p["fol_test"] + p["gsm8k_test"] > 0, "empty test set: fol_test and gsm8k_test are both 0")
+    need(min(p["fol_train"], p["fol_test"], p["gsm8k_train"], p["gsm8k_test"]) >= 0, "problem counts must be >= 0")
+    need(p["k"] >= 2, f"k={p['k']}: preference pairs need at least 2 chains per problem (k >= 2)")
+    need(p["temperature"] >= 0 and p["eval_temperature"] >= 0, "temperatures must be >= 0")
+    need(p["concurrency"] >= 1 and p["max_steps"] >= 1, "concurrency and max_steps must be >= 1")
+    need(p["teacher_backend"] in ("inprocess", "server"), f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}")
+    need(not p["teacher_url"] or p["teacher_url"].startswith(("http://", "https://")), "teacher_url must start with http:// or https://")
+    if profile == "paper":
+        need(bool(p["teacher_url"]), "the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL")
+    need(p["pair_strategy"] in STRATEGIES, f"pair_strategy must be one of {', '.join(STRATEGIES)}")
+    need(0 <= p["validation_share"] < 1, "validation_share must be in [0, 1)")
+    need(p["max_pairs_per_problem"] >= 1 and p["max_length"] >= 16, "max_pairs_per_problem >= 1 and max_length >= 16")
+    need(p["quantization"] in QUANTIZATION, f"quantization must be one of {', '.join(QUANTIZATION)}")
+    need(len(p["loss_weights"]) == len(p["loss_type"]), "loss_weights needs one weight per loss_type")
+    need(p["beta"] > 0 and p["learning_rate"] > 0, "beta and learning_rate must be > 0")
+    need(p["train_batch_size"] >= 1 and p["grad_accum"] >= 1, "train_batch_size and grad_accum must be >= 1")
+    need(set(p["eval_models"]) <= {"base", "dpo", "teacher"} and bool(p["eval_models"]), "eval_models: some of base, dpo, teacher")
+    need(p["eval_samples"] >= 1 and p["eval_limit"] >= 0, "eval_samples >= 1 and eval_limit >= 0")
+    return wrong
 
 
 def notebook_profile(namespace: dict[str, Any]) -> str | None:
@@ -63,11 +106,13 @@ def notebook_profile(namespace: dict[str, Any]) -> str | None:
     return name
 
 
-def notebooks(start: str | None = None) -> list[Path]:
-    """The numbered notebooks in order, from `start` (e.g. '03') on."""
+def notebooks(start: str | None = None, stop: str | None = None) -> list[Path]:
+    """The numbered notebooks in order, from `start` (e.g. '03') to `stop` (inclusive)."""
     found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if start:
         found = [p for p in found if p.name[:2] >= start.zfill(2)]
+    if stop:
+        found = [p for p in found if p.name[:2] <= stop.zfill(2)]
     if not found:
         raise SystemExit(f"no notebooks to run in {NOTEBOOKS}" + (f" from {start}" if start else ""))
     return found
@@ -87,7 +132,7 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device, "packages": versions}
 
 
-def run(params: dict[str, Any], start: str | None = None) -> Path:
+def run(params: dict[str, Any], start: str | None = None, stop: str | None = None) -> Path:
     """Execute the notebooks with papermill; returns the run folder."""
     import papermill as pm
 
@@ -96,13 +141,19 @@ def run(params: dict[str, Any], start: str | None = None) -> Path:
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (out / "env.json").write_text(json.dumps(environment(), indent=2))
     os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
-    for nb in notebooks(start):
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for nb in notebooks(start, stop):
         declared = pm.inspect_notebook(str(nb))
         given = {k: v for k, v in params.items() if k in declared}
         target = out / "notebooks" / nb.name
         log.info("running %s", nb.name)
+        t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(target), parameters=given, cwd=str(NOTEBOOKS), progress_bar=False)
+            timings[nb.stem] = round(time.perf_counter() - t0, 1)
+            timings_path.write_text(json.dumps(timings, indent=2))
+            log.info("%s done in %.0f s", nb.name, timings[nb.stem])
         except pm.PapermillExecutionError as e:
             raise SystemExit(
                 f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
@@ -116,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", default="cpu", help="profiles/NAME.yaml (smoke, cpu, ...)")
     ap.add_argument("--run-name", help="folder under outputs/ (default: the profile's run_name)")
     ap.add_argument("--from", dest="start", help="start at notebook NN, reusing earlier results of the run")
+    ap.add_argument("--to", dest="stop", help="stop after notebook NN")
     ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -128,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run_name:
         overrides["run_name"] = args.run_name
     params = load_profile(args.profile, overrides)
-    out = run(params, args.start)
+    out = run(params, args.start, args.stop)
     print(f"done: the results of run {params['run_name']!r} are in {out}")
 
 

@@ -312,3 +312,45 @@ def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     return Path(target)
+
+
+PARAMETERS = {  # run parameter (profiles/*.yaml) -> TrainSettings field
+    "student": "student", "quantization": "quantization", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout", "beta": "beta", "learning_rate": "learning_rate", "train_epochs": "epochs",
+    "train_max_steps": "max_steps", "train_batch_size": "batch_size", "grad_accum": "grad_accum",
+    "max_length": "max_length", "loss_type": "loss_type", "loss_weights": "loss_weights",
+    "precompute_ref": "precompute_ref", "eval_steps": "eval_steps", "save_steps": "save_steps", "seed": "seed",
+}  # fmt: skip
+
+
+def settings_from_params(params: dict[str, Any]) -> TrainSettings:
+    """The training settings of a run's parameters (params.yaml)."""
+    return TrainSettings(**{field_: params[key] for key, field_ in PARAMETERS.items() if key in params})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fclib.train --run-name NAME`: stage 4 alone, from the run's params.yaml and pairs.
+
+    The same code runs on several GPUs with `accelerate launch -m fclib.train --run-name NAME`.
+    """
+    import argparse
+
+    import yaml
+
+    from fclib.runs import run_dir
+
+    ap = argparse.ArgumentParser(prog="python -m fclib.train", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--run-name", required=True, help="a run of the pipeline (outputs/NAME with params.yaml and pairs/)")
+    ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the last checkpoint")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run = run_dir(args.run_name, create=False)
+    params_path = run / "params.yaml"
+    if not params_path.is_file():
+        raise SystemExit(f"{params_path} not found: run the pipeline (notebooks 01-03) for {args.run_name!r} first")
+    info = train(run / "pairs", run, settings_from_params(yaml.safe_load(params_path.read_text())), resume=not args.no_resume)
+    print(json.dumps({k: info[k] for k in ("global_step", "training_loss", "trainable_parameters")}))
+
+
+if __name__ == "__main__":
+    main()

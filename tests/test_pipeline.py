@@ -14,7 +14,21 @@ from fclib.problems import read_problems
 
 def test_profiles_parse_and_share_their_parameters():
     cpu, smoke = pipeline.load_profile("cpu"), pipeline.load_profile("smoke")
-    assert set(cpu) == set(smoke) and cpu["student"] == "embedded" and smoke["student"] == "tiny"
+    paper = pipeline.load_profile("paper", {"teacher_url": "https://api.example.org/v1", "teacher": "big"})
+    assert set(cpu) == set(smoke) == set(paper) and cpu["student"] == "embedded" and smoke["student"] == "tiny"
+    assert paper["nmax"] == [10, 20] and paper["gsm8k_test"] == 1319
+
+
+def test_impossible_values_fail_before_anything_runs():
+    with pytest.raises(SystemExit, match="paper profile needs a teacher endpoint"):
+        pipeline.load_profile("paper")
+    with pytest.raises(SystemExit, match=r"empty test set(.|\n)*k=1: preference pairs need at least 2"):
+        pipeline.load_profile("cpu", {"k": 1, "fol_test": 0, "gsm8k_test": 0})
+    with pytest.raises(SystemExit, match="pair_strategy must be one of"):
+        pipeline.load_profile("cpu", {"pair_strategy": "best"})
+    with pytest.raises(SystemExit, match="eval_models"):
+        pipeline.load_profile("cpu", {"eval_models": ["base", "gpt"]})
+    assert pipeline.load_profile("cpu", {"nmax": [10, 20]})["nmax"] == [10, 20]
 
 
 def test_bad_parameters_fail_at_once():
@@ -59,6 +73,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert f"are in {run}" in proc.stdout
     assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "t1"
     assert "packages" in json.loads((run / "env.json").read_text())
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == {nb.stem for nb in pipeline.notebooks()} and all(t > 0 for t in timings.values())
     for nb in pipeline.notebooks():
         assert (run / "notebooks" / nb.name).is_file()
     train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")

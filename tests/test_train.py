@@ -141,3 +141,26 @@ def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tm
     assert grads_a and loss_a == pytest.approx(loss_b, rel=1e-6)
     for name, g in grads_a.items():
         assert torch.allclose(g, grads_b[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_training_runs_alone_from_a_runs_parameters(pairs_dir, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fclib.pipeline import load_profile
+
+    run = tmp_path / "r1"
+    shutil.copytree(pairs_dir, run / "pairs")
+    params = load_profile("smoke", {"run_name": "r1", "train_max_steps": 1, "train_batch_size": 2})
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fclib.train", "--run-name", "r1"], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 1
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()

@@ -44,9 +44,14 @@ def test_notebook_parameters_match_the_profiles():
     import papermill as pm
 
     params = pipeline.load_profile("cpu")
+    import nbformat
+
     for nb in pipeline.notebooks():
         declared = pm.inspect_notebook(str(nb))
         assert "run_name" in declared and "seed" in declared
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assigned = [line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line.split("#")[0]]
+        assert set(assigned) == set(declared), f"{nb.name}: papermill cannot read {set(assigned) - set(declared)}"
         assert set(declared) <= set(params), f"{nb.name} declares parameters no profile sets"
 
 

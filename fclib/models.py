@@ -63,10 +63,16 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
+    return _save_once(model, tokenizer, target)
+
+
+def _save_once(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save model and tokenizer to `target` atomically: written beside it, then renamed.
+
+    A crash or a concurrent writer never leaves a half-written folder that looks complete.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so that a crash or a concurrent conversion never
-    # leaves a half-written folder that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=EMBEDDED_DIRNAME + ".", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -162,19 +168,9 @@ def tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> tup
 def tiny_model_dir() -> Path:
     """The tiny model saved as a folder (for a server), written once into the cache."""
     target = cache_dir() / "tiny-llama-64"
-    if not (target / "config.json").is_file():
-        model, tokenizer = tiny_model()
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-llama-64.", dir=cache_dir()))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    if (target / "config.json").is_file():
+        return target
+    return _save_once(*tiny_model(), target)
 
 
 def main() -> None:

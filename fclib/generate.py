@@ -81,11 +81,17 @@ def read_chains(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
     A line cut short by a killed writer is unreadable; it is skipped, never fatal.
     """
+    records, _, bad = _read(path)
+    return records, bad
+
+
+def _read(path: str | Path) -> tuple[list[dict[str, Any]], int, int]:
+    """(last record of each key, readable lines, unreadable lines) of a chain file."""
     path = Path(path)
     if not path.is_file():
-        return [], 0
+        return [], 0, 0
     records: dict[Key, dict[str, Any]] = {}
-    bad = 0
+    readable = bad = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
@@ -93,9 +99,10 @@ def read_chains(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             try:
                 record = json.loads(line)
                 records[key_of(record)] = record
+                readable += 1
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 bad += 1
-    return list(records.values()), bad
+    return list(records.values()), readable, bad
 
 
 def _write_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
@@ -155,10 +162,9 @@ def generate(
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path, source, fingerprint(backend, config), overwrite)
 
-    records, bad = read_chains(path)
-    retry = [r for r in records if r["source"] == source and r["outcome"] == "error"]
+    records, readable, bad = _read(path)
     kept = [r for r in records if not (r["source"] == source and r["outcome"] == "error")]
-    if bad or retry or len(kept) != _count_lines(path):
+    if bad or len(kept) != readable:
         _write_atomic(path, kept)  # drop cut lines and duplicates; failed chains are redone
     if bad:
         log.warning("%s: skipped %d unreadable line(s) (a run was interrupted mid-write)", path, bad)
@@ -167,13 +173,15 @@ def generate(
     todo = [(p, missing) for p, missing in todo if missing]
     total = len(problems) * k
     counts = {"correct": 0, "error": 0}
+    new: list[dict[str, Any]] = []
     bar = tqdm(total=total, initial=total - sum(len(m) for _, m in todo), desc=f"chains ({source})", unit="chain",
                disable=not progress, smoothing=0.1)  # fmt: skip
 
     with open(path, "a", encoding="utf-8") as out:
 
         def save(chain: Chain) -> None:
-            out.write(json.dumps(chain.to_dict(), ensure_ascii=False) + "\n")
+            new.append(chain.to_dict())
+            out.write(json.dumps(new[-1], ensure_ascii=False) + "\n")
             out.flush()
             counts["correct"] += chain.outcome == "correct"
             counts["error"] += chain.outcome == "error"
@@ -191,8 +199,7 @@ def generate(
     bar.close()
 
     wanted = {(source, p.id, s): i * k + s for i, p in enumerate(problems) for s in range(k)}
-    final, _ = read_chains(path)
-    return sorted((r for r in final if key_of(r) in wanted), key=lambda r: wanted[key_of(r)])
+    return sorted((r for r in kept + new if key_of(r) in wanted), key=lambda r: wanted[key_of(r)])
 
 
 def add_records(path: str | Path, records: Sequence[Mapping[str, Any]], source: str, settings: Mapping[str, Any]) -> int:
@@ -208,13 +215,6 @@ def add_records(path: str | Path, records: Sequence[Mapping[str, Any]], source: 
         by_key.update({key_of(r): r for r in new})
         _write_atomic(path, by_key.values())
     return len(new)
-
-
-def _count_lines(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def _chunks(todo: list[tuple[Problem, list[int]]], size: int) -> Iterable[list[tuple[Problem, list[int]]]]:

@@ -316,11 +316,11 @@ def demo_messages(question: str, toolset: Toolset, calls: Sequence[str]) -> tupl
     return tuple(turns)
 
 
-def outcome_counts(chains: Sequence[Chain]) -> dict[str, int]:
-    """Number of chains per outcome, every outcome listed."""
+def outcome_counts(chains: Sequence[Chain | dict[str, Any]]) -> dict[str, int]:
+    """Number of chains (or chain records) per outcome, every outcome listed."""
     counts = {o: 0 for o in OUTCOMES}
     for c in chains:
-        counts[c.outcome or "error"] += 1
+        counts[(c["outcome"] if isinstance(c, dict) else c.outcome) or "error"] += 1
     return counts
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fclib.agent import OUTCOMES, AgentConfig
+from fclib.agent import OUTCOMES, AgentConfig, outcome_counts
 from fclib.generate import generate
 from fclib.llm import ChatBackend
 from fclib.problems import Problem
@@ -93,7 +93,7 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
         "valid_call_rate": sum(c["kind"] in ("ok", "function_error") for c in calls) / len(calls) if calls else 0.0,
         "mean_calls": len(calls) / n if n else 0.0,
         "answered": sum(r["outcome"] in ("correct", "wrong_answer") for r in records) / n if n else 0.0,
-        "outcomes": {o: sum(r["outcome"] == o for r in records) for o in OUTCOMES},
+        "outcomes": outcome_counts(records),
         "call_errors": {e: errors.get(e, 0) for e in CALL_ERRORS},
     }
     samples = Counter(r["problem_id"] for r in records)

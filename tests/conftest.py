@@ -9,7 +9,6 @@ import pytest
 from fclib.llm import GenerationSettings, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 class QueueBackend:
@@ -46,6 +45,9 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def gsm8k_dir():
-    if not (GSM8K_DIR / "train.jsonl").is_file():
-        pytest.skip(f"GSM8K files not found at {GSM8K_DIR}")
-    return GSM8K_DIR
+    from fclib.tasks.gsm8k import default_source
+
+    folder = Path(default_source())  # the library's own lookup: $FCLIB_GSM8K, else ../shared/data/gsm8k
+    if not (folder / "train.jsonl").is_file():
+        pytest.skip(f"no local GSM8K files (looked for {folder}); set $FCLIB_GSM8K")
+    return folder

@@ -8,7 +8,6 @@ import pytest
 
 from fclib.llm import GenerationSettings, Reply
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class QueueBackend:

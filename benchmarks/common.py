@@ -9,11 +9,14 @@ from fclib.agent import outcome_counts, run_chains
 from fclib.tasks import TASKS
 
 
-def chain_arguments(description: str) -> argparse.Namespace:
+def chain_arguments(description: str, problems: int = 8, flags: tuple[tuple[str, str], ...] = ()) -> argparse.Namespace:
+    """--model, --problems, --steps, and on/off `flags` given as (option, help)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--problems", type=int, default=8)
+    ap.add_argument("--problems", type=int, default=problems)
     ap.add_argument("--steps", type=int, default=4, help="agent steps per chain")
+    for option, text in flags:
+        ap.add_argument(option, action="store_true", help=text)
     return ap.parse_args()
 
 

@@ -15,10 +15,11 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
+
+from fclib.kv_cache import PrefixCache, Span, use_gqa_sdpa
 
 Message = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -72,12 +73,11 @@ class ChatBackend(Protocol):
 class LocalBackend:
     """A transformers causal LM generating for a batch of conversations at once.
 
-    Multi-turn chains re-send the whole conversation every turn: a prompt of ~900 tokens for a
-    ~15-token call. The backend keeps the attention keys and values of each conversation's
-    prompt (`prefix_cache`, least recently used first out beyond `cache_tokens` tokens) and
-    on the next turn computes only the tokens that are new; rows of one batch may reuse
-    caches of different lengths. Reuse is decided on token ids alone (the longest common
-    prefix), so it never changes what is computed, only how much.
+    With `prefix_cache` (the default) each turn computes only its new tokens: the keys and
+    values of each conversation's earlier turns, and the prompt prefix its task's chains
+    share, are kept and reused (`fclib.kv_cache`); rows of one batch may reuse caches of
+    different lengths. Reuse is decided on token ids alone, so it changes how much is
+    computed, never what. `cache_tokens` bounds the memory it keeps, in row positions.
     """
 
     def __init__(
@@ -94,11 +94,12 @@ class LocalBackend:
         tokenizer.padding_side = "left"
         self.model = model
         self.tokenizer = tokenizer
+        use_gqa_sdpa(model)
         self.batch_size = batch_size
         self.model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.prefix_cache, self.cache_tokens = prefix_cache, cache_tokens
-        self._cache: OrderedDict[int, tuple[list[int], list[tuple[Any, Any]]]] = OrderedDict()
-        self.cache_stats = {"prompt_tokens": 0, "reused_tokens": 0}
+        self.prefix_cache = prefix_cache
+        self.kv = PrefixCache(model, cache_tokens)
+        self._stops: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def load(cls, name: str, batch_size: int = 16, **kwargs: Any) -> "LocalBackend":
@@ -117,8 +118,13 @@ class LocalBackend:
         """Number of prompt tokens of a conversation."""
         return len(self.tokenizer(self.render(conversation, tools), add_special_tokens=False)["input_ids"])
 
+    @property
+    def cache_stats(self) -> dict[str, int]:
+        """Prompt tokens seen, reused from the cache, and computed once as shared prefixes."""
+        return self.kv.stats
+
     def clear_cache(self) -> None:
-        self._cache.clear()
+        self.kv.clear()
 
     def chat(
         self, conversations: Sequence[list[Message]], settings: GenerationSettings, tools: list[dict] | None = None
@@ -126,6 +132,8 @@ class LocalBackend:
         """Generate one reply per conversation, `batch_size` conversations at a time."""
         ids = [self.tokenizer(self.render(c, tools), add_special_tokens=False)["input_ids"] for c in conversations]
         keys = [id(c) for c in conversations]
+        if self.prefix_cache:
+            self.kv.share_prefixes([r for k, r in zip(keys, ids) if k not in self.kv.entries])
         # Batches of similar length waste less on padding; results go back in input order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         replies: list[Reply | None] = [None] * len(ids)
@@ -135,35 +143,13 @@ class LocalBackend:
                 replies[i] = reply
         return replies  # type: ignore[return-value]
 
-    def _reusable(self, key: int, ids: list[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
-        """How many leading tokens of `ids` have cached keys/values, and those caches."""
-        entry = self._cache.get(key) if self.prefix_cache else None
-        if entry is None:
-            return 0, None
-        cached_ids, kv = entry
-        n = 0
-        for a, b in zip(cached_ids, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)  # at least one token must be computed to get the next logits
-        return n, (kv if n > 0 else None)
-
-    def _store(self, key: int, ids: list[int], kv: list[tuple[Any, Any]]) -> None:
-        self._cache[key] = (ids, kv)
-        self._cache.move_to_end(key)
-        total = sum(len(v[0]) for v in self._cache.values())
-        while self._cache and total > self.cache_tokens:
-            _, (old, _) = self._cache.popitem(last=False)
-            total -= len(old)
-
     def _generate(self, rows: list[list[int]], keys: list[int], settings: GenerationSettings) -> list[Reply]:
         import torch
 
         tok = self.tokenizer
         t0 = time.perf_counter()
         device = self.model.device
-        reuse = [self._reusable(k, r) for k, r in zip(keys, rows)]
+        reuse = [self.kv.lookup(k, r) if self.prefix_cache else (0, None) for k, r in zip(keys, rows)]
         cached = [n for n, _ in reuse]
         C = max(cached)
         N = max(len(r) - c for r, c in zip(rows, cached))
@@ -184,31 +170,36 @@ class LocalBackend:
             do_sample=settings.temperature > 0,
             return_dict_in_generate=True,
         )
-        if C > 0:
-            kwargs["cache"] = self._stacked_cache(reuse, C, device)
+        kwargs["cache"] = self.kv.batch_cache(reuse, C + N + settings.max_tokens)
         if settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # the model's generation_config may carry sampling defaults that greedy must not warn about
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if settings.stop:
-            kwargs.update(stop_strings=list(settings.stop), tokenizer=tok)
+            kwargs["stopping_criteria"] = self._stop_criteria(tuple(settings.stop))
         kwargs.update(settings.extra)
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(settings.seed)
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = out.sequences[:, C + N :].tolist()
+        stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
+        lengths = [next((i for i, t in enumerate(row) if t in stops), len(row)) for row in new]
         if self.prefix_cache and out.cache is not None:
             layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            in_cache = layers[0][0].shape[2] - (C + N)  # generated tokens with keys/values (all but the last)
             for i, (r, key) in enumerate(zip(rows, keys)):
-                keep = mask[i].nonzero()[:, 0].to(device)  # this row's real prompt positions, in order
-                self._store(key, list(r), [(k[i : i + 1, :, keep], v[i : i + 1, :, keep]) for k, v in layers])
-        self.cache_stats["prompt_tokens"] += sum(len(r) for r in rows)
-        self.cache_stats["reused_tokens"] += sum(cached)
-        new = out.sequences[:, C + N :]
+                # The prompt and the reply: the next turn re-sends the reply, so its tokens are
+                # reused too, as far as re-tokenising the text gives the same ids. Positions:
+                # the reused prefix [C - c, C), then the new prompt tokens and the reply.
+                c, n = cached[i], min(lengths[i], in_cache)
+                spans = [Span(layers, i, C - c, C), Span(layers, i, C + N - (len(r) - c), C + N + n)]
+                self.kv.store(key, list(r) + new[i][:n], spans)
+            self.kv.evict()
+        self.kv.stats["prompt_tokens"] += sum(len(r) for r in rows)
+        self.kv.stats["reused_tokens"] += sum(cached)
         elapsed = time.perf_counter() - t0
-        stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
         replies = []
-        for row, n_prompt in zip(new.tolist(), (len(r) for r in rows)):
-            n = next((i for i, t in enumerate(row) if t in stops), len(row))
+        for row, n, n_prompt in zip(new, lengths, (len(r) for r in rows)):
             ended = n < len(row)
             text = tok.decode(row[:n], skip_special_tokens=True)
             cut = _cut_at_stop(text, settings.stop)
@@ -224,23 +215,14 @@ class LocalBackend:
             )
         return replies
 
-    def _stacked_cache(self, reuse: list[tuple[int, Any]], C: int, device: Any) -> Any:
-        """One batch cache of length C from per-row caches, each right-aligned, zeros (masked) before."""
-        import torch
-        from transformers import DynamicCache
+    def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
+        """Stop-string criteria, built once per set of strings: building them scans the whole
+        vocabulary (~0.15 s for SmolLM2), longer than a short reply takes to generate."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
 
-        template = next(kv for _, kv in reuse if kv is not None)
-        layers = []
-        for layer, (k0, v0) in enumerate(template):
-            shape = (len(reuse), k0.shape[1], C, k0.shape[3])
-            K = torch.zeros(shape, dtype=k0.dtype, device=device)
-            V = torch.zeros((len(reuse), v0.shape[1], C, v0.shape[3]), dtype=v0.dtype, device=device)
-            for i, (n, kv) in enumerate(reuse):
-                if n > 0:
-                    K[i, :, C - n :] = kv[layer][0][0, :, :n]
-                    V[i, :, C - n :] = kv[layer][1][0, :, :n]
-            layers.append((K, V))
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        if stop not in self._stops:
+            self._stops[stop] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self._stops[stop]
 
 
 class EndpointError(RuntimeError):

@@ -52,7 +52,8 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="wilson")
-    return (float(lo), float(hi))
+    p = successes / n  # rounding can put a bound a hair past the estimate (wilson(0, 7) gave 2.8e-17)
+    return (min(float(lo), p), max(float(hi), p))
 
 
 def call_error(call: Record) -> str | None:

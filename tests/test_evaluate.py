@@ -24,6 +24,8 @@ def test_wilson_interval_matches_the_formula():
     assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-9)
     assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 60):  # the bounds never cross the estimate, so error bars are never negative
+        assert all(lo <= k / n <= hi for k in (0, n // 2, n) for lo, hi in [wilson(k, n)])
 
 
 def test_mcnemar_on_a_known_table():

@@ -77,7 +77,9 @@ class LocalBackend:
     values of each conversation's earlier turns, and the prompt prefix its task's chains
     share, are kept and reused (`fclib.kv_cache`); rows of one batch may reuse caches of
     different lengths. Reuse is decided on token ids alone, so it changes how much is
-    computed, never what. `cache_tokens` bounds the memory it keeps, in row positions.
+    computed, never what. `cache_tokens` bounds the memory it keeps, in row positions. On
+    CPU, a model with grouped key/value heads is switched to an SDPA attention that gives the
+    same output without copying those heads (`kv_cache.use_gqa_sdpa`).
     """
 
     def __init__(

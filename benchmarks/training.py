@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--pairs", help="a pairs/ folder of a run (default: FOL pairs made here)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run ('plain' and 'fclib' at least)")
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     args = ap.parse_args()
     if args.arm:
@@ -110,7 +111,7 @@ def main() -> None:
     print(f"model {args.model}, {n} pairs, batch {args.batch}, {args.steps} steps (first one not timed), "
           f"{'cuda' if torch.cuda.is_available() else f'cpu, {torch.get_num_threads()} threads'}")
     results = {}
-    for arm in ARMS:
+    for arm in args.arms:
         cmd = [sys.executable, __file__, "--arm", arm, "--pairs", pairs, "--model", args.model,
                "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -120,7 +121,8 @@ def main() -> None:
         r = results[arm] = json.loads(line[7:])
         print(f"{arm:<18} {r['s_per_step']:7.2f} s/step   peak memory {r['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
     base = results["plain"]["s_per_step"]
-    print(f"precomputed reference / plain TRL: {results['fclib+precompute']['s_per_step'] / base:.2f}")
+    if "fclib+precompute" in results:
+        print(f"precomputed reference / plain TRL: {results['fclib+precompute']['s_per_step'] / base:.2f}")
     print(f"ratio: {results['fclib']['s_per_step'] / base:.2f}")
 
 

@@ -212,6 +212,55 @@ def completion_only_scoring() -> Iterator[None]:
         trl_utils._use_triton = original
 
 
+@contextmanager
+def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
+    """Run the prompt prefix that every sequence of a batch shares once, not once per sequence.
+
+    A DPO batch holds each pair twice (chosen, rejected) after the same prompt, and every
+    prompt of a task starts with the same ~820 tokens (system prompt, functions, demonstration),
+    so on CPU most of a step's compute went into the same prefix, four times over. Inside this
+    context the backbone computes the batch's longest common prefix once, as one row, and runs
+    each sequence's remainder on its keys and values, expanded to the batch. The hidden states
+    are the same and so, through the expansion, are the gradients (tests/test_train.py checks
+    both). Batches sharing fewer than `min_tokens` tokens, calls with a cache or embeddings
+    (generation) and gradient checkpointing (4-bit on CUDA) take the backbone's own path. One
+    difference under LoRA dropout: the shared prefix draws one dropout mask for all its rows.
+    """
+    import torch
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
+    original = backbone.forward
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        n = 0
+        plain = kwargs.get("cache") is None and kwargs.get("inputs_embeds") is None and kwargs.get("position_ids") is None
+        if plain and input_ids is not None and input_ids.dim() == 2 and input_ids.size(0) > 1 and not (
+            backbone.training and backbone.is_activation_checkpointing
+        ):
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            same = (input_ids == input_ids[:1]).all(0) & mask.bool().all(0)
+            n = min(int(same.long().cumprod(0).sum()), input_ids.size(1) - 1)
+        if n < min_tokens:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs.pop("use_cache", None)
+        rows = input_ids.size(0)
+        cache = DynamicCache(config=backbone.config)
+        head = original(input_ids=input_ids[:1, :n], cache=cache, use_cache=True, **kwargs).last_hidden_state
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        full_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        tail = original(input_ids=input_ids[:, n:], attention_mask=full_mask, cache=cache, use_cache=True, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat([head.expand(rows, -1, -1), tail.last_hidden_state], 1))
+
+    backbone.forward = forward
+    try:
+        yield
+    finally:
+        del backbone.forward  # the instance attribute shadowed the class's forward
+
+
 def last_checkpoint(run_folder: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -229,7 +278,8 @@ def train(
         log.info("resuming from %s", checkpoint)
     with completion_only_scoring():
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with shared_prompt_prefix(trainer.model):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     if not math.isfinite(result.training_loss):
         raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
     adapter = run_folder / "model" / "adapter"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -141,6 +142,37 @@ def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tm
     assert grads_a and loss_a == pytest.approx(loss_b, rel=1e-6)
     for name, g in grads_a.items():
         assert torch.allclose(g, grads_b[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(pairs_dir, tmp_path):
+    from fclib.train import completion_only_scoring, make_trainer, shared_prompt_prefix
+
+    with completion_only_scoring():
+        trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
+        batch = next(iter(trainer.get_train_dataloader()))
+        ids = batch["input_ids"]
+        shared = int(((ids == ids[:1]).all(0) & batch["attention_mask"].bool().all(0)).long().cumprod(0).sum())
+        assert 64 <= shared < ids.size(1) - 1, "the batch should share a long prompt prefix"
+        backbone = trainer.model.get_base_model().base_model
+        results, calls = [], []
+        for share in (False, True):
+            trainer.model.zero_grad()
+            original = backbone.forward
+            with shared_prompt_prefix(trainer.model) if share else contextlib.nullcontext():
+                hook = backbone.embed_tokens.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
+                loss = trainer.compute_loss(trainer.model, batch)
+                hook.remove()
+            assert backbone.forward == original
+            loss.backward()
+            results.append((float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+    # without sharing: policy and reference each run the whole batch; with it, a prefix row and the remainders
+    assert calls[:2] == [tuple(ids.shape)] * 2
+    assert calls[2:] == [(1, shared), (ids.size(0), ids.size(1) - shared)] * 2
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert grads_a and loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], atol=1e-5, rtol=1e-4), name
 
 
 @pytest.mark.slow

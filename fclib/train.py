@@ -214,45 +214,61 @@ def completion_only_scoring() -> Iterator[None]:
 
 @contextmanager
 def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
-    """Run the prompt prefix that every sequence of a batch shares once, not once per sequence.
+    """Run a prompt prefix that sequences of a batch share once, not once per sequence.
 
     A DPO batch holds each pair twice (chosen, rejected) after the same prompt, and every
     prompt of a task starts with the same ~820 tokens (system prompt, functions, demonstration),
     so on CPU most of a step's compute went into the same prefix, four times over. Inside this
-    context the backbone computes the batch's longest common prefix once, as one row, and runs
-    each sequence's remainder on its keys and values, expanded to the batch. The hidden states
-    are the same and so, through the expansion, are the gradients (tests/test_train.py checks
-    both). Batches sharing fewer than `min_tokens` tokens, calls with a cache or embeddings
-    (generation) and gradient checkpointing (4-bit on CUDA) take the backbone's own path. One
-    difference under LoRA dropout: the shared prefix draws one dropout mask for all its rows.
+    context the backbone groups a batch's rows by their first `min_tokens` tokens (one group per
+    task), computes each group's longest common prefix once, as one row, and runs each
+    sequence's remainder on that prefix's keys and values, expanded to the group. Each group is
+    cut to its longest row, so padding is not computed either. The hidden states of every
+    non-padding position are the same and so, through the expansion, are the gradients
+    (tests/test_train.py checks both). Calls with a cache or embeddings (generation) and
+    gradient checkpointing (4-bit on CUDA) take the backbone's own path. Under dropout a shared
+    prefix would draw one mask for all its rows; TRL's DPOConfig disables dropout by default.
     """
     import torch
+    import torch.nn.functional as F
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
     original = backbone.forward
 
-    def forward(input_ids=None, attention_mask=None, **kwargs):
-        n = 0
-        plain = kwargs.get("cache") is None and kwargs.get("inputs_embeds") is None and kwargs.get("position_ids") is None
-        if plain and input_ids is not None and input_ids.dim() == 2 and input_ids.size(0) > 1 and not (
-            backbone.training and backbone.is_activation_checkpointing
-        ):
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            same = (input_ids == input_ids[:1]).all(0) & mask.bool().all(0)
-            n = min(int(same.long().cumprod(0).sum()), input_ids.size(1) - 1)
-        if n < min_tokens:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        kwargs.pop("use_cache", None)
-        rows = input_ids.size(0)
+    def run_group(ids: Any, mask: Any, kwargs: dict) -> Any:
+        """Hidden states of rows that share their first tokens: the common prefix once, then the rest."""
+        same = (ids == ids[:1]).all(0) & mask.bool().all(0)
+        n = min(int(same.long().cumprod(0).sum()), ids.size(1) - 1)
+        if ids.size(0) == 1 or n < min_tokens:
+            return original(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
         cache = DynamicCache(config=backbone.config)
-        head = original(input_ids=input_ids[:1, :n], cache=cache, use_cache=True, **kwargs).last_hidden_state
+        head = original(input_ids=ids[:1, :n], cache=cache, use_cache=True, **kwargs).last_hidden_state
+        rows = ids.size(0)
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
-        full_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        tail = original(input_ids=input_ids[:, n:], attention_mask=full_mask, cache=cache, use_cache=True, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=torch.cat([head.expand(rows, -1, -1), tail.last_hidden_state], 1))
+        tail = original(input_ids=ids[:, n:], attention_mask=mask, cache=cache, use_cache=True, **kwargs).last_hidden_state
+        return torch.cat([head.expand(rows, -1, -1), tail], 1)
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        plain = all(kwargs.get(k) is None for k in ("cache", "inputs_embeds", "position_ids"))
+        if not plain or input_ids is None or input_ids.dim() != 2 or (backbone.training and backbone.is_activation_checkpointing):
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        groups: dict[Any, list[int]] = {}
+        for row, (ids, m) in enumerate(zip(input_ids[:, :min_tokens].tolist(), mask[:, :min_tokens].tolist())):
+            groups.setdefault(tuple(ids) if all(m) else -1 - row, []).append(row)
+        if len(groups) == input_ids.size(0):
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+        width, order, parts = input_ids.size(1), [], []
+        for rows in groups.values():
+            length = int(mask[rows].sum(1).max())
+            hidden = run_group(input_ids[rows, :length], mask[rows, :length], kwargs)
+            parts.append(F.pad(hidden, (0, 0, 0, width - length)))  # padding positions: zeros, masked downstream
+            order += rows
+        hidden = torch.cat(parts)[torch.tensor(order).argsort()]
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     backbone.forward = forward
     try:
@@ -327,33 +343,48 @@ def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool =
     return model, tokenizer
 
 
-def completion_logp(model: Any, tokenizer: Any, prompt: list[dict], completion: list[dict], tools: Any = None) -> float:
-    """Sum of the model's log-probabilities of a completion's tokens after the prompt (chat template)."""
+def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[float]:
+    """Sum of the model's log-probabilities of each completion's tokens after its prompt (chat template).
+
+    `items` are (prompt, completion, tools). They run as one right-padded batch whose shared
+    prompt prefixes are computed once (`shared_prompt_prefix`), and the LM head projects only
+    the completion positions.
+    """
     import torch
 
-    def ids(messages: list[dict], generation_prompt: bool) -> list[int]:
+    def ids(messages: list[dict], tools: Any, generation_prompt: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    head, full = ids(prompt, True), ids(prompt + completion, False)
-    if full[: len(head)] != head:
-        raise ValueError("the rendered prompt is not a prefix of prompt + completion")
-    x = torch.tensor([full], device=model.device)
-    with torch.inference_mode():
-        logits = model(input_ids=x).logits[0, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
-    return float(logps[len(head) - 1 :].sum())
+    rows = []
+    for prompt, completion, tools in items:
+        head, full = ids(prompt, tools, True), ids(prompt + completion, tools, False)
+        if full[: len(head)] != head:
+            raise ValueError("the rendered prompt is not a prefix of prompt + completion")
+        rows.append((full, len(head)))
+    if not rows:
+        return []
+    width = max(len(full) for full, _ in rows)
+    x = torch.tensor([full + [0] * (width - len(full)) for full, _ in rows], device=model.device)
+    mask = torch.tensor([[1] * len(full) + [0] * (width - len(full)) for full, _ in rows], device=model.device)
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = []
+    with torch.inference_mode(), shared_prompt_prefix(model):
+        hidden = causal.base_model(input_ids=x, attention_mask=mask).last_hidden_state
+        for row, (full, start) in enumerate(rows):
+            logits = causal.get_output_embeddings()(hidden[row, start - 1 : len(full) - 1]).float()
+            out.append(float(torch.log_softmax(logits, -1).gather(1, x[row, start : len(full), None]).sum()))
+    return out
 
 
 def policy_margins(model: Any, tokenizer: Any, pairs: Any) -> list[float]:
     """log p(chosen) - log p(rejected) of each pair under `model` (DPO raises this margin)."""
-    out = []
+    items = []
     for pair in pairs:
         tools = json.loads(pair["tools"]) if pair.get("tools") else None
-        chosen = completion_logp(model, tokenizer, pair["prompt"], pair["chosen"], tools)
-        rejected = completion_logp(model, tokenizer, pair["prompt"], pair["rejected"], tools)
-        out.append(chosen - rejected)
-    return out
+        items += [(pair["prompt"], pair["chosen"], tools), (pair["prompt"], pair["rejected"], tools)]
+    logps = completion_logps(model, tokenizer, items)
+    return [chosen - rejected for chosen, rejected in zip(logps[::2], logps[1::2])]
 
 
 def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None = None) -> Path:

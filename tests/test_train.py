@@ -71,6 +71,24 @@ def test_reload_and_merge_give_the_same_logits(trained, tmp_path):
     assert not torch.allclose(a, base, atol=1e-4)  # the adapter does something
 
 
+def test_completion_logps_match_one_forward_per_sequence(tiny, pairs_dir):
+    from fclib.pairs import load_pairs
+    from fclib.train import completion_logps
+
+    model, tok = tiny
+    pairs = list(load_pairs(pairs_dir)["train"])[:3]
+    items = [(p["prompt"], p[side], None) for p in pairs for side in ("chosen", "rejected")]
+    expected = []
+    for prompt, completion, _ in items:
+        head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tok(tok.apply_chat_template(prompt + completion, tokenize=False), add_special_tokens=False)["input_ids"]
+        start = len(tok(head, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0, :-1].float(), -1)
+        expected.append(float(logps[start - 1 :].gather(1, torch.tensor(full[start:])[:, None]).sum()))
+    assert completion_logps(model, tok, items) == pytest.approx(expected, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_margins_rise_on_the_training_pairs(trained, pairs_dir):
     from fclib.pairs import load_pairs
@@ -142,6 +160,38 @@ def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tm
     assert grads_a and loss_a == pytest.approx(loss_b, rel=1e-6)
     for name, g in grads_a.items():
         assert torch.allclose(g, grads_b[name], atol=1e-6), name
+
+
+def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
+    from fclib.train import shared_prompt_prefix
+
+    model, _ = tiny
+    backbone = model.base_model
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(10, model.config.vocab_size, (n,), generator=g)
+
+    a, b = tokens(80), tokens(90)  # two tasks' prefixes; the last row shares nothing
+    rows = [torch.cat([a, tokens(20)]), torch.cat([b, tokens(15)]), torch.cat([a, tokens(30)]), torch.cat([b, tokens(5)]),
+            tokens(40)]  # fmt: skip
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r, torch.zeros(width - len(r), dtype=torch.long)]) for r in rows])
+    mask = torch.stack([(torch.arange(width) < len(r)).long() for r in rows])
+    results, calls = [], []
+    hook = backbone.embed_tokens.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
+    for share in (False, True):
+        model.zero_grad()
+        with shared_prompt_prefix(model) if share else contextlib.nullcontext():
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert hidden.shape == (5, width, model.config.hidden_size)
+        hidden[mask.bool()].pow(2).sum().backward()
+        results.append((hidden[mask.bool()].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    hook.remove()
+    assert calls == [(5, width), (1, 80), (2, 30), (1, 90), (2, 15), (1, 40)]
+    (hidden_a, grads_a), (hidden_b, grads_b) = results
+    assert torch.allclose(hidden_a, hidden_b, atol=1e-5)
+    assert grads_a and all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(grads_a, grads_b, strict=True))
 
 
 @pytest.mark.slow

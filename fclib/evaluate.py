@@ -91,7 +91,7 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
         "correct": correct,
         "ci95": list(wilson(correct, n)),
         "answer_accuracy": sum(bool(r.get("answer_correct")) for r in records) / n if n else 0.0,
-        "valid_call_rate": sum(c["kind"] in ("ok", "function_error") for c in calls) / len(calls) if calls else 0.0,
+        "valid_call_rate": sum(map(_valid, calls)) / len(calls) if calls else 0.0,
         "mean_calls": len(calls) / n if n else 0.0,
         "answered": sum(r["outcome"] in ("correct", "wrong_answer") for r in records) / n if n else 0.0,
         "outcomes": outcome_counts(records),
@@ -157,7 +157,38 @@ def paired_test(base: Sequence[Record], other: Sequence[Record]) -> dict[str, An
         "p_value": p_value,
         "significant": p_value < 0.05,
         "test": "exact McNemar (two-sided binomial on discordant problems)",
+        "valid_calls": paired_valid_calls(base, other),
     }
+
+
+def _valid(call: Record) -> bool:
+    return call["kind"] in ("ok", "function_error")
+
+
+def paired_valid_calls(base: Sequence[Record], other: Sequence[Record]) -> dict[str, Any]:
+    """Valid-call rates of two models on the same problems (sample 0), with an exact sign test.
+
+    Each problem where both models made calls compares the share of valid calls in the two
+    chains: `higher` counts the problems where the other model's share is higher, `lower`
+    where it is lower; the p-value is the two-sided binomial test on those (ties dropped).
+    The rates pool all calls of those problems.
+    """
+    from scipy.stats import binomtest
+
+    a_by = {r["problem_id"]: r["calls"] for r in base if r["sample"] == 0 and r["calls"]}
+    b_by = {r["problem_id"]: r["calls"] for r in other if r["sample"] == 0 and r["calls"]}
+    common = sorted(set(a_by) & set(b_by))
+
+    def share(calls: Sequence[Record]) -> float:
+        return sum(map(_valid, calls)) / len(calls)
+
+    higher = sum(share(b_by[p]) > share(a_by[p]) for p in common)
+    lower = sum(share(b_by[p]) < share(a_by[p]) for p in common)
+    a_calls, b_calls = [c for p in common for c in a_by[p]], [c for p in common for c in b_by[p]]
+    p_value = float(binomtest(higher, higher + lower, 0.5).pvalue) if higher + lower else 1.0
+    return {"n": len(common), "base_rate": share(a_calls) if a_calls else 0.0, "other_rate": share(b_calls) if b_calls else 0.0,
+            "higher": higher, "lower": lower, "p_value": p_value, "significant": p_value < 0.05,
+            "test": "exact sign test on per-problem valid-call shares"}  # fmt: skip
 
 
 def metrics(
@@ -187,9 +218,13 @@ def significance_sentence(task: str, p: Mapping[str, Any]) -> str:
     core = (f"{task}: {second} {p['other_accuracy']:.1%} vs {first} {p['base_accuracy']:.1%} on the same {p['n']} problems, "
             f"difference {diff:+.1f} points ({ci}); {second} alone solved {t['other_only']}, {first} alone {t['base_only']}; "
             f"exact McNemar p = {p['p_value']:.3g}")  # fmt: skip
-    if p["significant"]:
-        return core + ": significant at the 5% level."
-    return core + ": **not significant** at the 5% level; this difference could be chance."
+    core += ": significant at the 5% level." if p["significant"] else ": **not significant** at the 5% level; this difference could be chance."
+    v = p.get("valid_calls")
+    if v and v["n"]:
+        core += (f" Valid calls: {second} {v['other_rate']:.1%} vs {first} {v['base_rate']:.1%} on the {v['n']} problems where "
+                 f"both called; {second}'s share higher on {v['higher']}, lower on {v['lower']}; sign test p = {v['p_value']:.3g}"
+                 + (" (significant)." if v["significant"] else " (**not significant**)."))  # fmt: skip
+    return core
 
 
 def write_report(run_folder: str | Path, m: Mapping[str, Any], params: Mapping[str, Any], figures: Sequence[str] = ()) -> Path:

@@ -45,6 +45,23 @@ def test_mcnemar_on_a_known_table():
     assert same["difference"] == 0 and same["p_value"] == 1.0
 
 
+def test_valid_call_rates_get_a_paired_sign_test():
+    ok, bad = {"kind": "ok"}, {"kind": "invalid_call", "error": "x"}
+    # 9 problems: dpo's share of valid calls higher on 7, lower on 1, equal on 1; p0 base made no call (left out)
+    base = [rec("base", "p0", "max_steps", calls=[])]
+    base += [rec("base", f"p{i}", "max_steps", calls=[ok, bad]) for i in range(1, 8)]
+    base += [rec("base", "p8", "max_steps", calls=[ok]), rec("base", "p9", "max_steps", calls=[ok, ok])]
+    dpo = [rec("dpo", "p0", "correct", calls=[ok])]
+    dpo += [rec("dpo", f"p{i}", "correct", calls=[ok, ok, ok]) for i in range(1, 8)]
+    dpo += [rec("dpo", "p8", "max_steps", calls=[bad]), rec("dpo", "p9", "correct", calls=[ok])]
+    v = paired_test(base, dpo)["valid_calls"]
+    assert (v["n"], v["higher"], v["lower"]) == (9, 7, 1)
+    assert v["base_rate"] == pytest.approx(10 / 17) and v["other_rate"] == pytest.approx(22 / 23)
+    assert v["p_value"] == pytest.approx(2 * 9 / 2**8) and not v["significant"]  # P(X <= 1), n = 8
+    sentence = significance_sentence("fol", {"models": ["base", "dpo"], **paired_test(base, dpo)})
+    assert "Valid calls: dpo 95.7% vs base 58.8% on the 9 problems" in sentence and "sign test p = 0.0703" in sentence
+
+
 def test_taxonomy_rates_and_sizes():
     calls_ok = [{"kind": "ok"}, {"kind": "ok"}]
     calls_bad = [

@@ -49,8 +49,9 @@ class GenerationSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
-    # One seed per conversation, for servers that seed each request: a chain's samples then
-    # do not depend on which other chains share its batch. The local backend seeds a batch.
+    # One seed per conversation: a chain's samples then do not depend on which other chains
+    # share its batch (the local backend draws each row from its own random stream; servers
+    # that honour per-request seeds do the same). Without them the local backend seeds a batch.
     seeds: tuple[int, ...] = ()
 
     def seed_of(self, i: int) -> int:
@@ -68,6 +69,35 @@ class ChatBackend(Protocol):
     ) -> list[Reply]:
         """One reply per conversation, in order."""
         ...
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own random stream (Gumbel-max).
+
+    The argmax of `scores / temperature + Gumbel noise` is a sample of softmax(scores /
+    temperature); tokens outside the top-p nucleus are set to -inf first. Each row draws its
+    noise from a generator seeded with its own seed, one draw per decoding step, so its tokens
+    depend on its own scores alone, not on the other rows of the batch. Generation must run
+    greedy (`do_sample=False`) with this processor.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = 1.0) -> None:
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, index = scores.sort(dim=-1, descending=True)
+            outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= self.top_p  # the top token always stays
+            scores = scores.masked_fill(outside.scatter(-1, index, outside), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return scores + gumbel.to(scores.device)
 
 
 class LocalBackend:
@@ -141,11 +171,14 @@ class LocalBackend:
         replies: list[Reply | None] = [None] * len(ids)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for i, reply in zip(idx, self._generate([ids[i] for i in idx], [keys[i] for i in idx], settings)):
+            seeds = [settings.seed_of(i) for i in idx] if settings.seeds else None
+            for i, reply in zip(idx, self._generate([ids[i] for i in idx], [keys[i] for i in idx], settings, seeds)):
                 replies[i] = reply
         return replies  # type: ignore[return-value]
 
-    def _generate(self, rows: list[list[int]], keys: list[int], settings: GenerationSettings) -> list[Reply]:
+    def _generate(
+        self, rows: list[list[int]], keys: list[int], settings: GenerationSettings, seeds: list[int] | None = None
+    ) -> list[Reply]:
         import torch
 
         tok = self.tokenizer
@@ -173,7 +206,12 @@ class LocalBackend:
             return_dict_in_generate=True,
         )
         kwargs["cache"] = self.kv.batch_cache(reuse, C + N + settings.max_tokens)
-        if settings.temperature > 0:
+        if settings.temperature > 0 and seeds:  # sampled as greedy decoding of Gumbel-perturbed scores
+            from transformers import LogitsProcessorList
+
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=LogitsProcessorList([RowSampler(seeds, settings.temperature, settings.top_p)]))  # fmt: skip
+        elif settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # the model's generation_config may carry sampling defaults that greedy must not warn about
             kwargs.update(temperature=None, top_p=None, top_k=None)

@@ -43,6 +43,33 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(backend):
     assert [r.text for r in a] != [r.text for r in c]
 
 
+def test_per_conversation_seeds_make_samples_independent_of_the_batch(backend):
+    settings = GenerationSettings(max_tokens=16, temperature=1.0, seeds=(11, 12, 13))
+    together = [r.text for r in backend.chat(CONVS, settings)]
+    backend.batch_size = 1
+    alone = [r.text for r in backend.chat(CONVS, settings)]
+    backend.batch_size = 8
+    reordered = backend.chat(CONVS[::-1], GenerationSettings(max_tokens=16, temperature=1.0, seeds=(13, 12, 11)))
+    assert together == alone == [r.text for r in reordered][::-1]
+    other = backend.chat(CONVS, GenerationSettings(max_tokens=16, temperature=1.0, seeds=(21, 22, 23)))
+    assert together != [r.text for r in other]
+
+
+def test_row_sampler_draws_from_the_tempered_nucleus():
+    import torch
+
+    from fclib.llm import RowSampler
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = (scores / 0.5).softmax(-1)[0]
+    sampler = RowSampler([7], temperature=0.5)
+    counts = torch.bincount(torch.stack([sampler(None, scores).argmax() for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    nucleus = RowSampler([7], temperature=1.0, top_p=0.7)  # p = .64, .24, .09, .03: the first two make 0.7
+    picked = {int(nucleus(None, scores).argmax()) for _ in range(500)}
+    assert picked == {0, 1}
+
+
 def test_max_tokens_and_finish_reason(backend):
     replies = backend.chat(CONVS, GenerationSettings(max_tokens=5, extra={"min_new_tokens": 5}))
     assert all(r.completion_tokens == 5 and r.finish_reason == "length" for r in replies)

@@ -139,7 +139,7 @@ def run_chains(
     is a count or the sample indices to run (a resumed run asks only for the missing ones).
     Each chain is passed to `on_done` the moment it ends. Every request carries a seed
     derived from (seed, problem, sample, step), so a chain's samples are the same whichever
-    chains share its batch, on servers that honour per-request seeds.
+    chains share its batch, in process and on servers that honour per-request seeds.
     """
     config = config or AgentConfig()
     tasks = task if isinstance(task, dict) else {task.name: task}

@@ -182,11 +182,12 @@ def paired_valid_calls(base: Sequence[Record], other: Sequence[Record]) -> dict[
     def share(calls: Sequence[Record]) -> float:
         return sum(map(_valid, calls)) / len(calls)
 
-    higher = sum(share(b_by[p]) > share(a_by[p]) for p in common)
-    lower = sum(share(b_by[p]) < share(a_by[p]) for p in common)
-    a_calls, b_calls = [c for p in common for c in a_by[p]], [c for p in common for c in b_by[p]]
+    changes = [share(b_by[p]) - share(a_by[p]) for p in common]
+    higher, lower = sum(d > 0 for d in changes), sum(d < 0 for d in changes)
     p_value = float(binomtest(higher, higher + lower, 0.5).pvalue) if higher + lower else 1.0
-    return {"n": len(common), "base_rate": share(a_calls) if a_calls else 0.0, "other_rate": share(b_calls) if b_calls else 0.0,
+    base_rate = share([c for p in common for c in a_by[p]]) if common else 0.0
+    other_rate = share([c for p in common for c in b_by[p]]) if common else 0.0
+    return {"n": len(common), "base_rate": base_rate, "other_rate": other_rate,
             "higher": higher, "lower": lower, "p_value": p_value, "significant": p_value < 0.05,
             "test": "exact sign test on per-problem valid-call shares"}  # fmt: skip
 

@@ -93,7 +93,8 @@ class RowSampler:
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             ordered, index = scores.sort(dim=-1, descending=True)
-            outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= self.top_p  # the top token always stays
+            probs = ordered.softmax(-1)
+            outside = probs.cumsum(-1) - probs >= self.top_p  # the mass before a token; the top token always stays
             scores = scores.masked_fill(outside.scatter(-1, index, outside), float("-inf"))
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))

@@ -212,6 +212,11 @@ def completion_only_scoring() -> Iterator[None]:
         trl_utils._use_triton = original
 
 
+def _causal_lm(model: Any) -> Any:
+    """The causal LM itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextmanager
 def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
     """Run a prompt prefix that sequences of a batch share once, not once per sequence.
@@ -233,7 +238,7 @@ def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    backbone = model.get_base_model().base_model if hasattr(model, "get_base_model") else model.base_model
+    backbone = _causal_lm(model).base_model
     original = backbone.forward
 
     def run_group(ids: Any, mask: Any, kwargs: dict) -> Any:
@@ -367,7 +372,7 @@ def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], l
     width = max(len(full) for full, _ in rows)
     x = torch.tensor([full + [0] * (width - len(full)) for full, _ in rows], device=model.device)
     mask = torch.tensor([[1] * len(full) + [0] * (width - len(full)) for full, _ in rows], device=model.device)
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = _causal_lm(model)
     out = []
     with torch.inference_mode(), shared_prompt_prefix(model):
         hidden = causal.base_model(input_ids=x, attention_mask=mask).last_hidden_state

@@ -6,7 +6,8 @@ is its own:
 
 - `plain`: a plain TRL script, `DPOTrainer(model, args=DPOConfig(...), peft_config=LoraConfig(...))`;
 - `fclib`: `fclib.train.train(...)`, which scores only completion tokens on CPU as TRL does on CUDA;
-- `fclib+precompute`: the same with `precompute_ref=True` (reference log-probs computed once).
+- `fclib+precompute`: the same with `precompute_ref=True` (reference log-probs computed once);
+- `fclib-4bit`: fclib's QLoRA path (4-bit nf4 student, bf16 compute, gradient checkpointing; CUDA only).
 
 The pairs are FOL first-divergence pairs (reference chain chosen, a wrong chain rejected), or
 the pairs of a run with `--pairs outputs/<run>/pairs`. Steps after the first are timed.
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("plain", "fclib", "fclib+precompute")
+ARMS = ("plain", "fclib", "fclib+precompute", "fclib-4bit")
 
 
 def make_pairs(folder: Path, problems: int = 24) -> Path:
@@ -83,7 +84,8 @@ def run_arm(arm: str, pairs: str, model: str, steps: int, batch: int) -> dict:
     else:
         from fclib.train import TrainSettings, train
 
-        settings = TrainSettings(student=model, quantization="none", precompute_ref=arm.endswith("precompute"), **common)
+        quantization = "4bit" if arm == "fclib-4bit" else "none"
+        settings = TrainSettings(student=model, quantization=quantization, precompute_ref=arm.endswith("precompute"), **common)
         train(pairs, out, settings, resume=False, callbacks=[Clock()])
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"arm": arm, "s_per_step": sum(times[1:]) / max(1, len(times) - 1), "steps": len(times), "peak_bytes": peak}
@@ -121,6 +123,8 @@ def main() -> None:
         r = results[arm] = json.loads(line[7:])
         print(f"{arm:<18} {r['s_per_step']:7.2f} s/step   peak memory {r['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
     base = results["plain"]["s_per_step"]
+    if "fclib-4bit" in results:
+        print(f"QLoRA (4-bit) / plain TRL: {results['fclib-4bit']['s_per_step'] / base:.2f}")
     if "fclib+precompute" in results:
         print(f"precomputed reference / plain TRL: {results['fclib+precompute']['s_per_step'] / base:.2f}")
     print(f"ratio: {results['fclib']['s_per_step'] / base:.2f}")

@@ -35,7 +35,8 @@ def trained(pairs_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_training_learns_and_writes_its_outputs(trained):
     run, info = trained
-    assert info["global_step"] == 4 and math.isfinite(info["training_loss"]) and not info["quantized_4bit"]
+    assert info["global_step"] == 4 and math.isfinite(info["training_loss"])
+    assert info["quantized_4bit"] == torch.cuda.is_available()  # quantization 'auto': 4-bit where CUDA is
     assert 0 < info["trainable_parameters"]["trainable"] < info["trainable_parameters"]["total"]
     adapter = run / "model" / "adapter"
     from safetensors.torch import load_file
@@ -199,8 +200,8 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(pairs_dir, tmp_p
     from fclib.train import completion_only_scoring, make_trainer, shared_prompt_prefix
 
     with completion_only_scoring():
-        trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
-        batch = next(iter(trainer.get_train_dataloader()))
+        trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0, "quantization": "none"}))
+        batch = next(iter(trainer.get_train_dataloader()))  # fp32 on every device, so the comparison can be exact
         ids = batch["input_ids"]
         shared = int(((ids == ids[:1]).all(0) & batch["attention_mask"].bool().all(0)).long().cumprod(0).sum())
         assert 64 <= shared < ids.size(1) - 1, "the batch should share a long prompt prefix"

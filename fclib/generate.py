@@ -9,7 +9,12 @@ answer), and tolerates a truncated last line. Chains are keyed by (source, probl
 the file never holds two records of one key.
 
 Several sources may share a file: a teacher endpoint, the task's reference chains
-(`source="reference"`). The settings each source was generated with are kept beside the
+(`source="reference"`).
+
+`sample_steps` asks the teacher for one more turn at every step of each reference chain and
+labels each reply against the reference's own turn (`steps.jsonl`, same resume rules): the
+replies that fail or take another road become step-level rejected turns in notebook 03, so a
+teacher that never finishes a chain still shows the student what goes wrong at every step. The settings each source was generated with are kept beside the
 file (`chains.meta.json`); asking for the same source with settings that would give other
 chains refuses with the differences, unless `overwrite=True`, which moves the old chains of
 that source aside to a backup file. Never a silent mix.
@@ -215,6 +220,125 @@ def add_records(path: str | Path, records: Sequence[Mapping[str, Any]], source: 
         by_key.update({key_of(r): r for r in new})
         _write_atomic(path, by_key.values())
     return len(new)
+
+
+STEP_VERDICTS = ("same", "same_function", "other_function", "wrong_answer", "invalid_call", "parse_error")
+
+
+def step_verdict(reply_text: str, reference: Mapping[str, Any], turn: int, toolset: Any) -> tuple[str, str | None, str]:
+    """(verdict, function called, error) of a reply at `turn` of a reference chain.
+
+    `same`: the reference's own text; `same_function`: another valid call of the function the
+    reference calls there (another lookup, say); `other_function`: a valid call of another one
+    (answering before the facts are in, or looking up after they are); `wrong_answer`: the
+    final function with another value than the reference's; `invalid_call`, `parse_error`: no
+    usable call. The last four are rejected turns (`fclib.pairs.REJECTED_VERDICTS`).
+    """
+    from fclib.pairs import same_value
+    from fclib.protocol import CallSyntaxError, parse_call
+
+    ref_text = reference["messages"][turn]["content"]
+    if reply_text.strip() == ref_text.strip():
+        return "same", None, ""
+    ref_call = reference["calls"][sum(m["role"] == "assistant" for m in reference["messages"][reference["n_prompt"]:turn])]
+    try:
+        call = parse_call(reply_text, known=set(toolset.functions))
+    except CallSyntaxError as e:
+        return "parse_error", None, str(e)
+    execution = toolset.execute(call)
+    if not execution.ok:
+        return "invalid_call", call.name, execution.error or ""
+    if execution.name != ref_call["name"]:
+        return "other_function", execution.name, ""
+    if execution.final and not same_value(execution.value, ref_call["result"]):
+        return "wrong_answer", execution.name, ""
+    return "same_function", execution.name, ""
+
+
+def sample_steps(
+    backend: ChatBackend,
+    problems: Sequence[Problem],
+    path: str | Path,
+    references: Sequence[Mapping[str, Any]],
+    samples: int = 1,
+    config: AgentConfig | None = None,
+    source: str = "teacher",
+    chunk_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """At every assistant turn of each reference chain, `samples` teacher replies, labelled.
+
+    A reply is asked for with the reference's history up to that turn as the conversation, with
+    the agent's sampling settings and a seed per (problem, turn, sample). Each record holds
+    the reply, its verdict (`step_verdict`) and where it belongs: `turn` (index of the
+    reference's message it stands for), `reference_sample`. Records are appended to `path` as
+    each chunk of `chunk_size` replies ends; a rerun skips what is there and redoes failed
+    requests; other settings refuse, as `generate` does. Returns this source's records for
+    these references, in reference then turn order.
+    """
+    import zlib
+
+    from fclib.llm import GenerationSettings
+    from fclib.pairs import REJECTED_VERDICTS
+    from fclib.tasks import TASKS
+
+    if samples < 1 or chunk_size < 1:
+        raise ValueError("samples and chunk_size must be at least 1")
+    config = config or AgentConfig()
+    if config.native_tools:
+        raise ValueError("step sampling speaks the text protocol; set native_tools=False")
+    by_id = {p.id: p for p in problems}
+    references = [r for r in references if r["problem_id"] in by_id]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path, source, {**fingerprint(backend, config), "samples": samples}, overwrite)
+    records, readable, bad = _read(path)
+    if bad or len(records) != readable:
+        _write_atomic(path, records)
+    done = {key_of(r) for r in records}
+    jobs = []  # (reference, turn, step, sample index in the file)
+    for ref in references:
+        turns = [i for i in range(ref["n_prompt"], len(ref["messages"])) if ref["messages"][i]["role"] == "assistant"]
+        for step, turn in enumerate(turns):
+            for s in range(samples):
+                jobs.append((ref, turn, step, step * samples + s))
+    wanted = {(source, ref["problem_id"], k): n for n, (ref, _, _, k) in enumerate(jobs)}
+    todo = [j for j in jobs if (source, j[0]["problem_id"], j[3]) not in done]
+    counts = {"rejected": 0}
+    new: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"steps ({source})", unit="reply", disable=not progress)
+    with open(path, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            settings = GenerationSettings(
+                max_tokens=config.max_tokens_per_turn, temperature=config.temperature, top_p=config.top_p,
+                seed=config.seed, stop=config.stop,
+                seeds=tuple(zlib.crc32(f"{config.seed}:step:{ref['problem_id']}:{turn}:{k}".encode()) & 0x7FFFFFFF
+                            for ref, turn, _, k in chunk),
+            )  # fmt: skip
+            try:
+                replies = backend.chat([[dict(m) for m in ref["messages"][:turn]] for ref, turn, _, _ in chunk], settings)
+            except Exception:  # the backend is outside our control: the chunk is redone on the next run
+                log.exception("step sampling: a backend call failed; %d replies left for the next run", len(chunk))
+                continue
+            for (ref, turn, step, k), reply in zip(chunk, replies):
+                if reply.error is not None:
+                    continue
+                problem = by_id[ref["problem_id"]]
+                verdict, name, error = step_verdict(reply.text, ref, turn, TASKS[ref["task"]].toolset(problem))
+                new.append({"source": source, "problem_id": ref["problem_id"], "task": ref["task"], "sample": k,
+                            "reference_source": ref["source"], "reference_sample": ref["sample"], "turn": turn, "step": step,
+                            "model": backend.model_id, "text": reply.text, "verdict": verdict, "function": name, "error": error,
+                            "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}})  # fmt: skip
+                out.write(json.dumps(new[-1], ensure_ascii=False) + "\n")
+                counts["rejected"] += verdict in REJECTED_VERDICTS
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(chunk))
+            bar.set_postfix(counts, refresh=False)
+    bar.close()
+    return sorted((r for r in records + new if key_of(r) in wanted), key=lambda r: wanted[key_of(r)])
 
 
 def _chunks(todo: list[tuple[Problem, list[int]]], size: int) -> Iterable[list[tuple[Problem, list[int]]]]:

@@ -15,7 +15,14 @@ Strategies (`strategy=`):
   function-result tokens (TRL scores every token of a multi-message completion).
 
 With `use_reference=True`, the task's reference chains serve as chosen for the problems the
-teacher never solved. Pairs are split into train and validation *by problem*, seeded, so the
+teacher never solved.
+
+Step pairs (`steps=`, the teacher's labelled replies at each turn of a reference chain, from
+`fclib.generate.sample_steps`): the reference's history up to a turn is the prompt, its own
+turn is chosen, a teacher reply there that failed or took another road is rejected. They join
+the problem's other candidates under the same cap, whatever the strategy (`strategy: "step"`
+in the pair), and reach every step of the chain, the final answer included, where a weak
+teacher's whole chains part from the reference at their first call or two. Pairs are split into train and validation *by problem*, seeded, so the
 same inputs give a byte-identical dataset.
 """
 
@@ -31,6 +38,8 @@ from typing import Any, Mapping, Sequence
 
 STRATEGIES = ("all", "random", "first_divergence")
 REFERENCE = "reference"
+STEP_SUFFIX = "-step"  # source of a step reply as a rejected one-turn chain: "<teacher>-step"
+REJECTED_VERDICTS = ("other_function", "wrong_answer", "invalid_call", "parse_error")
 Record = Mapping[str, Any]
 
 
@@ -43,7 +52,8 @@ class PairSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal answers: booleans by identity, numbers within a relative 1e-6, the rest by ==."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -62,7 +72,7 @@ def verified(record: Record) -> bool:
         return False
     final = record["calls"][-1]
     computed = [c["result"] for c in record["calls"][:-1] if c["kind"] == "ok"]
-    return final["kind"] == "ok" and any(_same(record["final_answer"], v) for v in computed)
+    return final["kind"] == "ok" and any(same_value(record["final_answer"], v) for v in computed)
 
 
 def incorrect(record: Record) -> bool:
@@ -90,7 +100,9 @@ def _divergence(chosen: Record, rejected: Record) -> dict[str, Any] | None:
         i += 1
     if i >= len(a) or i >= len(b) or a[i]["role"] != "assistant" or b[i]["role"] != "assistant":
         return None
-    return {"prompt": [dict(m) for m in a[:i]], "chosen": [dict(a[i])], "rejected": [dict(b[i])], "step": i - chosen["n_prompt"]}
+    call = 1 + sum(m["role"] == "assistant" for m in a[chosen["n_prompt"] : i])  # which of the chain's calls it trains
+    return {"prompt": [dict(m) for m in a[:i]], "chosen": [dict(a[i])], "rejected": [dict(b[i])], "step": i - chosen["n_prompt"],
+            "call": call}  # fmt: skip
 
 
 def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, Any] | None, str]:
@@ -102,7 +114,7 @@ def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, An
         if body is None:
             return None, "no diverging assistant turn"
     else:
-        body = {"prompt": prompt_of(chosen), "chosen": completion_of(chosen), "rejected": completion_of(rejected), "step": 0}
+        body = {"prompt": prompt_of(chosen), "chosen": completion_of(chosen), "rejected": completion_of(rejected), "step": 0, "call": 1}
     if not body["chosen"] or not body["rejected"]:
         return None, "empty completion"
     if body["chosen"] == body["rejected"]:
@@ -132,6 +144,7 @@ def build_pairs(
     seed: int = 0,
     tokenizer: Any = None,
     max_length: int | None = None,
+    steps: Sequence[Record] = (),
 ) -> PairSet:
     """Pairs from chain records (see the module docstring); `stats` says what was kept and dropped.
 
@@ -154,6 +167,10 @@ def build_pairs(
     by_problem: dict[str, list[Record]] = {}
     for r in records:
         by_problem.setdefault(r["problem_id"], []).append(r)
+    steps_by_problem: dict[str, list[Record]] = {}
+    for st in steps:
+        if st["verdict"] in REJECTED_VERDICTS:
+            steps_by_problem.setdefault(st["problem_id"], []).append(st)
     dropped: Counter[str] = Counter()
     pairs_by_problem: dict[str, list[dict[str, Any]]] = {}
     for pid in sorted(by_problem):
@@ -164,18 +181,22 @@ def build_pairs(
         if not chosen and use_reference:
             chosen = [r for r in chains if r["source"] == REFERENCE and verified(r)]
         rejected = [r for r in chains if incorrect(r)]
-        if not chosen or not rejected:
+        step_combos = _step_candidates(chains, steps_by_problem.get(pid, []))
+        if (not chosen or not rejected) and not step_combos:
             dropped[f"problems without {'a verified correct' if not chosen else 'an incorrect'} chain"] += 1
             continue
         rng = random.Random(f"{seed}:{pid}")
-        combos = [(c, r) for c in chosen for r in rejected]
+        combos = [(c, r) for c in chosen for r in rejected] + step_combos
         rng.shuffle(combos)
         cap = 1 if strategy == "random" else max_pairs_per_problem
         kept, seen = [], set()
         for c, r in combos:
             if len(kept) == cap:
                 break
-            pair, why = _pair(c, r, strategy)
+            step = r.get("source", "").endswith(STEP_SUFFIX)
+            pair, why = _pair(c, r, "first_divergence" if step else strategy)
+            if pair is not None and step:
+                pair["strategy"] = "step"
             if pair is None:
                 dropped[why] += 1
                 continue
@@ -203,6 +224,20 @@ def build_pairs(
     validation = [p for pid in sorted(pairs_by_problem) if pid in val_ids for p in pairs_by_problem[pid]]
     stats = _stats(records, train, validation, dropped, strategy, max_pairs_per_problem, use_reference, seed, max_length)
     return PairSet(train, validation, stats)
+
+
+def _step_candidates(chains: Sequence[Record], steps: Sequence[Record]) -> list[tuple[Record, Record]]:
+    """(reference chain, one-turn rejected chain) for each rejected step reply of one problem."""
+    refs = {(r["source"], r["sample"]): r for r in chains if r["source"] == REFERENCE and verified(r)}
+    out = []
+    for st in steps:
+        ref = refs.get((st.get("reference_source", REFERENCE), st["reference_sample"]))
+        if ref is None or st["turn"] >= len(ref["messages"]):
+            continue
+        reply = {"role": "assistant", "content": st["text"]}
+        out.append((ref, {**ref, "source": st["source"] + STEP_SUFFIX, "sample": st["sample"], "outcome": st["verdict"],
+                          "messages": [dict(m) for m in ref["messages"][: st["turn"]]] + [reply]}))  # fmt: skip
+    return out
 
 
 def _lengths(tokenizer: Any, pair: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -254,6 +289,8 @@ def _stats(records, train, validation, dropped, strategy, cap, use_reference, se
         "validation_problems": len({p["problem_id"] for p in validation}),
         "per_task": per_task,
         "rejected_outcomes": dict(sorted(Counter(p["rejected_outcome"] for p in all_pairs).items())),
+        "step_pairs": sum(p["strategy"] == "step" for p in all_pairs),
+        "train_pairs_by_call": {str(k): v for k, v in sorted(Counter(p["call"] for p in train).items())},
         "dropped": dict(sorted(dropped.items())),
         "completion_tokens": lengths,
     }
@@ -268,6 +305,8 @@ format: `prompt`, `chosen`, `rejected` are message lists as TRL's `DPOTrainer` r
 - Strategy: `{strategy}` (at most {cap} pairs per problem); reference chains as chosen: {use_reference}.
 - Chosen: verified correct chains (the answer equals the gold one and what the chain's own calls
   computed; FOL chains must also have looked up the facts). Rejected: finished incorrect chains.
+- Step pairs ({step_pairs}): the reference chain's turn at one step chosen, a teacher reply at that
+  step that failed or called another function rejected (`strategy` "step").
 - Split by problem (seed {seed}): {train_pairs} train pairs from {train_problems} problems,
   {validation_pairs} validation pairs from {validation_problems} problems; no problem on both sides.
 
@@ -306,7 +345,7 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
     (folder / "README.md").write_text(CARD.format(run_name=run_name or folder.parent.name, strategy=s["strategy"],
         cap=s["max_pairs_per_problem"], use_reference=s["use_reference"], seed=s["seed"], train_pairs=s["train_pairs"],
         train_problems=s["train_problems"], validation_pairs=s["validation_pairs"],
-        validation_problems=s["validation_problems"], task_rows=rows, lengths=shown, dropped=dropped))  # fmt: skip
+        validation_problems=s["validation_problems"], step_pairs=s.get("step_pairs", 0), task_rows=rows, lengths=shown, dropped=dropped))  # fmt: skip
     splits = {name: Dataset.from_list(rows) for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}
     DatasetDict(splits).save_to_disk(str(folder / "dataset"))
     return folder

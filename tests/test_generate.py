@@ -184,3 +184,51 @@ def test_summary_counts_yield_and_cost():
     t = s["tokens"]["teacher"]
     assert (t["chains"], t["prompt_tokens"], t["completion_tokens"], t["retries"]) == (7, 700, 70, 7)
     assert t["cost"] == pytest.approx((700 * 1.0 + 70 * 2.0) / 1e6)
+
+
+def test_step_replies_are_labelled_against_the_reference_and_resume(queue_backend, tmp_path):
+    from fclib.generate import sample_steps
+    from tests.helpers import scripted_chain
+
+    p = fol.generate(1, seed=0, nmax=4)[0]  # reference: truth_values('shiny'), exists([True, False, False]), answer(True)
+    ref = scripted_chain(p, reference_script(p), 0, source="reference")
+    replies = [
+        "answer(value=True)",  # turn 1: answers before looking anything up
+        "I am not sure.",  # turn 1, second sample: no call
+        "exists(values=[True, False, False])",  # turn 2: the reference's own call
+        "exists(values=[True, 'x'])",  # turn 2: an invalid call
+        "answer(value=False)",  # turn 3: the final function with another answer
+        "truth_values(predicate='round')",  # turn 3: one more lookup where the reference answers
+    ]
+    backend = queue_backend(replies)
+    path = tmp_path / "steps.jsonl"
+    steps = sample_steps(backend, [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), chunk_size=4, progress=False)
+    assert [(s["step"], s["verdict"]) for s in steps] == [
+        (0, "other_function"), (0, "parse_error"), (1, "same"), (1, "invalid_call"), (2, "wrong_answer"), (2, "other_function")
+    ]
+    # each reply was asked for with the reference's history up to its turn, nothing after it
+    assert [len(m) for m in backend.sent] == [s["turn"] for s in steps]
+    assert all(m == ref["messages"][: len(m)] for m in backend.sent)
+    assert [s["sample"] for s in steps] == list(range(6)) and steps[0]["reference_sample"] == 0
+
+    again = sample_steps(queue_backend([]), [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), progress=False)
+    assert again == steps and len(path.read_text().splitlines()) == 6  # nothing asked twice
+    with pytest.raises(ValueError, match=r"other settings .*samples: 2 -> 3"):
+        sample_steps(queue_backend([]), [p], path, [ref], samples=3, config=AgentConfig(temperature=0.8), progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_steps(queue_backend([]), [p], path, [ref], samples=0)
+
+
+def test_a_failed_step_request_is_asked_again(queue_backend, tmp_path):
+    from fclib.generate import sample_steps
+    from fclib.llm import Reply
+    from tests.helpers import scripted_chain
+
+    p = fol.generate(1, seed=0, nmax=4)[0]
+    ref = scripted_chain(p, reference_script(p), 0, source="reference")
+    failed = Reply("", 0, 0, "error", error="HTTP 503")
+    path = tmp_path / "steps.jsonl"
+    first = sample_steps(queue_backend(["look()", failed, "look()"]), [p], path, [ref], progress=False)
+    assert [s["step"] for s in first] == [0, 2]
+    second = sample_steps(queue_backend(["exists(values=[True])"]), [p], path, [ref], progress=False)
+    assert [(s["step"], s["verdict"]) for s in second] == [(0, "invalid_call"), (1, "same_function"), (2, "invalid_call")]

@@ -144,3 +144,26 @@ def test_dpo_trainer_accepts_the_saved_dataset(records, tmp_path):
     result = trainer.train()
     assert result.global_step == 1 and math.isfinite(result.training_loss)
     assert json.dumps(trainer.state.log_history)  # serialisable
+
+
+def test_step_pairs_take_the_reference_turn_against_a_failed_reply():
+    p = fol.generate(1, seed=0, nmax=4)[0]
+    ref = scripted_chain(p, reference_script(p), 0, source="reference")
+    bad = scripted_chain(p, [reference_script(p)[0], "look()", "look()"], 0)  # whole chain: diverges at step 1
+    def step(turn, sample, text, verdict):
+        return {"source": "teacher", "problem_id": p.id, "task": "fol", "sample": sample, "reference_source": "reference",
+                "reference_sample": 0, "turn": turn, "step": (turn - ref["n_prompt"]) // 2, "text": text, "verdict": verdict}
+    n = ref["n_prompt"]
+    steps = [step(n + 4, 0, "answer(value=False)", "wrong_answer"), step(n, 1, "answer(value=True)", "other_function"),
+             step(n + 2, 2, "exists(values=[True, False, False])", "same"), step(n + 2, 3, "exists(values=[True])", "same_function")]
+    pairs = build_pairs([ref, bad], strategy="first_divergence", use_reference=True, validation_share=0, steps=steps)
+    by_strategy = {(q["strategy"], q["call"]): q for q in pairs.train}
+    assert set(by_strategy) == {("first_divergence", 2), ("step", 3), ("step", 1)}  # 'same' and 'same_function' are no pairs
+    last = by_strategy[("step", 3)]
+    assert last["prompt"] == ref["messages"][: n + 4] and last["chosen"] == [ref["messages"][n + 4]]
+    assert last["rejected"] == [{"role": "assistant", "content": "answer(value=False)"}]
+    assert (last["rejected_source"], last["rejected_outcome"], last["chosen_source"]) == ("teacher-step", "wrong_answer", "reference")
+    assert pairs.stats["step_pairs"] == 2 and pairs.stats["train_pairs_by_call"] == {"1": 1, "2": 1, "3": 1}
+    # step pairs alone make a problem usable, and share the cap with the whole-chain pairs
+    assert len(build_pairs([ref], use_reference=True, validation_share=0, steps=steps).train) == 2
+    assert len(build_pairs([ref, bad], max_pairs_per_problem=2, use_reference=True, validation_share=0, steps=steps).train) == 2

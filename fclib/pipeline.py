@@ -72,6 +72,8 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
     need(p["k"] >= 2, f"k={p['k']}: preference pairs need at least 2 chains per problem (k >= 2)")
     need(p["temperature"] >= 0 and p["eval_temperature"] >= 0, "temperatures must be >= 0")
     need(p["concurrency"] >= 1 and p["max_steps"] >= 1, "concurrency and max_steps must be >= 1")
+    need(p["step_samples"] >= 0, "step_samples must be >= 0")
+    need(not p["step_samples"] or p["reference_chains"], "step_samples > 0 samples along the reference chains: set reference_chains=true")
     need(p["teacher_backend"] in ("inprocess", "server"), f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}")
     need(not p["teacher_url"] or p["teacher_url"].startswith(("http://", "https://")), "teacher_url must start with http:// or https://")
     if profile == "paper":
@@ -83,6 +85,7 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
     need(len(p["loss_weights"]) == len(p["loss_type"]), "loss_weights needs one weight per loss_type")
     need(p["beta"] > 0 and p["learning_rate"] > 0, "beta and learning_rate must be > 0")
     need(p["train_batch_size"] >= 1 and p["grad_accum"] >= 1, "train_batch_size and grad_accum must be >= 1")
+    need(p["eval_steps"] >= 0 and p["save_steps"] >= 1, "eval_steps must be >= 0 (0: no validation during training), save_steps >= 1")
     need(set(p["eval_models"]) <= {"base", "dpo", "teacher"} and bool(p["eval_models"]), "eval_models: some of base, dpo, teacher")
     need(p["eval_samples"] >= 1 and p["eval_limit"] >= 0, "eval_samples >= 1 and eval_limit >= 0")
     return wrong

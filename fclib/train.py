@@ -47,7 +47,7 @@ class TrainSettings:
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"])
     loss_weights: list[float] | None = None
     precompute_ref: bool = False
-    eval_steps: int = 10
+    eval_steps: int = 10  # 0: no validation during training
     save_steps: int = 10
     logging_steps: int = 1
     seed: int = 0
@@ -59,6 +59,8 @@ class TrainSettings:
             raise ValueError("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ValueError("beta and learning_rate must be > 0")
+        if self.eval_steps < 0 or self.save_steps < 1:
+            raise ValueError("eval_steps must be >= 0 (0: no validation during training) and save_steps >= 1")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError("loss_weights needs one weight per loss_type")
 
@@ -141,8 +143,8 @@ def dpo_config(settings: TrainSettings, output_dir: Path, four_bit: bool, has_ev
         precompute_ref_log_probs=settings.precompute_ref,
         bf16=four_bit,
         use_cpu=not four_bit and not _cuda(),
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=settings.eval_steps,
+        eval_strategy="steps" if has_eval and settings.eval_steps > 0 else "no",
+        eval_steps=settings.eval_steps or None,
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,

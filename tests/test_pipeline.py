@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from fclib import pipeline
+from fclib.generate import STEP_VERDICTS
+from fclib.pairs import REJECTED_VERDICTS
 from fclib.problems import read_problems
 
 
@@ -92,11 +94,19 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert sorted((c["problem_id"], c["sample"]) for c in teacher) == sorted((p.id, s) for p in train for s in range(2))
     assert {c["source"] for c in chains} == {"teacher", "reference"}
     assert json.loads((run / "chains" / "summary.json").read_text())["k"] == 2
-    for name in ("teacher_outcomes", "teacher_yield"):
+    for name in ("teacher_outcomes", "teacher_yield", "teacher_steps"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000
+    steps = [json.loads(line) for line in (run / "chains" / "steps.jsonl").read_text().splitlines()]
+    references = {c["problem_id"]: c for c in chains if c["source"] == "reference"}
+    # one teacher reply (step_samples: 1) at every call of every reference chain
+    assert sorted((s["problem_id"], s["step"]) for s in steps) == sorted(
+        (pid, i) for pid, c in references.items() for i in range(sum(m["role"] == "assistant" for m in c["messages"][c["n_prompt"]:])))
+    assert all(s["verdict"] in STEP_VERDICTS for s in steps)
 
     stats = json.loads((run / "pairs" / "stats.json").read_text())
     assert stats["train_pairs"] > 0 and (run / "pairs" / "dataset" / "dataset_dict.json").is_file()
+    rejected_steps = sum(s["verdict"] in REJECTED_VERDICTS for s in steps)
+    assert 0 < stats["step_pairs"] <= rejected_steps  # the tiny random teacher fails at every step
     assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
     log = json.loads((run / "train" / "log_history.json").read_text())
     assert [e["step"] for e in log if "loss" in e] == [1, 2]
@@ -111,5 +121,5 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(metrics["paired"]) == {"fol", "gsm8k"} and "p_value" in metrics["paired"]["fol"]
     report = (run / "report.md").read_text()
     assert "| dpo | fol |" in report and "McNemar" in report
-    for name in ("training_curves", "margins_before_after", "pair_lengths", "eval_accuracy", "eval_outcomes"):
+    for name in ("training_curves", "margins_before_after", "pair_lengths", "pair_calls", "eval_accuracy", "eval_outcomes"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name

@@ -129,6 +129,16 @@ def test_clear_errors(pairs_dir, tmp_path):
         train(tmp_path / "nothing", tmp_path, TrainSettings(**FAST))
     with pytest.raises(ValueError, match="quantization must be one of"):
         TrainSettings(quantization="8bit")
+    with pytest.raises(ValueError, match="eval_steps must be >= 0"):
+        TrainSettings(eval_steps=-1)
+
+
+def test_eval_steps_zero_turns_validation_off(tmp_path):
+    from fclib.train import dpo_config
+
+    assert dpo_config(TrainSettings(eval_steps=0), tmp_path, False, has_eval=True).eval_strategy == "no"
+    assert dpo_config(TrainSettings(eval_steps=5), tmp_path, False, has_eval=True).eval_strategy == "steps"
+    assert dpo_config(TrainSettings(eval_steps=5), tmp_path, False, has_eval=False).eval_strategy == "no"
 
 
 @pytest.mark.gpu

@@ -9,15 +9,15 @@ answer), and tolerates a truncated last line. Chains are keyed by (source, probl
 the file never holds two records of one key.
 
 Several sources may share a file: a teacher endpoint, the task's reference chains
-(`source="reference"`).
+(`source="reference"`). The settings each source was generated with are kept beside the
+file (`chains.meta.json`); asking for the same source with settings that would give other
+chains refuses with the differences, unless `overwrite=True`, which moves the old chains of
+that source aside to a backup file. Never a silent mix.
 
 `sample_steps` asks the teacher for one more turn at every step of each reference chain and
 labels each reply against the reference's own turn (`steps.jsonl`, same resume rules): the
 replies that fail or take another road become step-level rejected turns in notebook 03, so a
-teacher that never finishes a chain still shows the student what goes wrong at every step. The settings each source was generated with are kept beside the
-file (`chains.meta.json`); asking for the same source with settings that would give other
-chains refuses with the differences, unless `overwrite=True`, which moves the old chains of
-that source aside to a backup file. Never a silent mix.
+teacher that never finishes a chain still shows the student what goes wrong at every step.
 """
 
 from __future__ import annotations

@@ -15,15 +15,15 @@ Strategies (`strategy=`):
   function-result tokens (TRL scores every token of a multi-message completion).
 
 With `use_reference=True`, the task's reference chains serve as chosen for the problems the
-teacher never solved.
+teacher never solved. Pairs are split into train and validation *by problem*, seeded, so the
+same inputs give a byte-identical dataset.
 
 Step pairs (`steps=`, the teacher's labelled replies at each turn of a reference chain, from
 `fclib.generate.sample_steps`): the reference's history up to a turn is the prompt, its own
 turn is chosen, a teacher reply there that failed or took another road is rejected. They join
 the problem's other candidates under the same cap, whatever the strategy (`strategy: "step"`
 in the pair), and reach every step of the chain, the final answer included, where a weak
-teacher's whole chains part from the reference at their first call or two. Pairs are split into train and validation *by problem*, seeded, so the
-same inputs give a byte-identical dataset.
+teacher's whole chains part from the reference at their first call or two.
 """
 
 from __future__ import annotations
@@ -186,14 +186,13 @@ def build_pairs(
             dropped[f"problems without {'a verified correct' if not chosen else 'an incorrect'} chain"] += 1
             continue
         rng = random.Random(f"{seed}:{pid}")
-        combos = [(c, r) for c in chosen for r in rejected] + step_combos
+        combos = [(c, r, False) for c in chosen for r in rejected] + [(c, r, True) for c, r in step_combos]
         rng.shuffle(combos)
         cap = 1 if strategy == "random" else max_pairs_per_problem
         kept, seen = [], set()
-        for c, r in combos:
+        for c, r, step in combos:
             if len(kept) == cap:
                 break
-            step = r.get("source", "").endswith(STEP_SUFFIX)
             pair, why = _pair(c, r, "first_divergence" if step else strategy)
             if pair is not None and step:
                 pair["strategy"] = "step"

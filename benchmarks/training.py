@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--pairs", help="a pairs/ folder of a run (default: FOL pairs made here)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run ('plain' and 'fclib' at least)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (ratios need 'plain' and 'fclib')")
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     args = ap.parse_args()
     if args.arm:
@@ -122,12 +122,15 @@ def main() -> None:
             raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
         r = results[arm] = json.loads(line[7:])
         print(f"{arm:<18} {r['s_per_step']:7.2f} s/step   peak memory {r['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
+    if "plain" not in results:
+        return
     base = results["plain"]["s_per_step"]
     if "fclib-4bit" in results:
         print(f"QLoRA (4-bit) / plain TRL: {results['fclib-4bit']['s_per_step'] / base:.2f}")
     if "fclib+precompute" in results:
         print(f"precomputed reference / plain TRL: {results['fclib+precompute']['s_per_step'] / base:.2f}")
-    print(f"ratio: {results['fclib']['s_per_step'] / base:.2f}")
+    if "fclib" in results:
+        print(f"ratio: {results['fclib']['s_per_step'] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -220,20 +220,22 @@ def _causal_lm(model: Any) -> Any:
 
 
 @contextmanager
-def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
-    """Run a prompt prefix that sequences of a batch share once, not once per sequence.
+def shared_prompt_prefix(model: Any, min_tokens: int = 16) -> Iterator[None]:
+    """Run the prompt prefixes that sequences of a batch share once, not once per sequence.
 
     A DPO batch holds each pair twice (chosen, rejected) after the same prompt, and every
     prompt of a task starts with the same ~820 tokens (system prompt, functions, demonstration),
-    so on CPU most of a step's compute went into the same prefix, four times over. Inside this
-    context the backbone groups a batch's rows by their first `min_tokens` tokens (one group per
-    task), computes each group's longest common prefix once, as one row, and runs each
-    sequence's remainder on that prefix's keys and values, expanded to the group. Each group is
-    cut to its longest row, so padding is not computed either. The hidden states of every
-    non-padding position are the same and so, through the expansion, are the gradients
-    (tests/test_train.py checks both). Calls with a cache or embeddings (generation) and
-    gradient checkpointing (4-bit on CUDA) take the backbone's own path. Under dropout a shared
-    prefix would draw one mask for all its rows; TRL's DPOConfig disables dropout by default.
+    so on CPU most of a step's compute went into the same tokens, many times over. Inside this
+    context the backbone shares prefixes at every level: it groups a batch's rows by their next
+    `min_tokens` tokens (first by task), computes each group's longest common prefix once, as one
+    row, and goes on the same way with the rows' remainders on that prefix's keys and values
+    (next by pair: the problem and the history before the two completions). What no two rows
+    share runs as one batch on the expanded keys and values. Each group is cut to its longest
+    row, so padding is not computed either. The hidden states of every non-padding position are
+    the same and so, through the expansion, are the gradients (tests/test_train.py checks
+    both). Calls with a cache or embeddings (generation) and gradient checkpointing (4-bit on
+    CUDA) take the backbone's own path. Under dropout a shared prefix would draw one mask for
+    all its rows; TRL's DPOConfig disables dropout by default.
     """
     import torch
     import torch.nn.functional as F
@@ -242,40 +244,62 @@ def shared_prompt_prefix(model: Any, min_tokens: int = 64) -> Iterator[None]:
 
     backbone = _causal_lm(model).base_model
     original = backbone.forward
+    Prefix = list[tuple[Any, Any]]  # per layer: keys and values of one row's first positions
 
-    def run_group(ids: Any, mask: Any, kwargs: dict) -> Any:
-        """Hidden states of rows that share their first tokens: the common prefix once, then the rest."""
-        same = (ids == ids[:1]).all(0) & mask.bool().all(0)
-        n = min(int(same.long().cumprod(0).sum()), ids.size(1) - 1)
-        if ids.size(0) == 1 or n < min_tokens:
-            return original(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+    def cached(prefix: Prefix, rows: int) -> Any:
         cache = DynamicCache(config=backbone.config)
-        head = original(input_ids=ids[:1, :n], cache=cache, use_cache=True, **kwargs).last_hidden_state
-        rows = ids.size(0)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
-        tail = original(input_ids=ids[:, n:], attention_mask=mask, cache=cache, use_cache=True, **kwargs).last_hidden_state
-        return torch.cat([head.expand(rows, -1, -1), tail], 1)
+        for layer, (keys, values) in zip(cache.layers, prefix, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+        return cache
+
+    def tail(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
+        """Hidden states after the prefix, no further sharing: one batch."""
+        if not prefix:
+            return original(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+        start = prefix[0][0].size(-2)
+        return original(input_ids=ids[:, start:], attention_mask=mask, cache=cached(prefix, ids.size(0)), use_cache=True,
+                        **kwargs).last_hidden_state  # fmt: skip
+
+    def shared(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
+        """Hidden states after the prefix of rows that share their next tokens: their common part once, then the rest."""
+        start = prefix[0][0].size(-2) if prefix else 0
+        same = (ids == ids[:1]).all(0) & mask.bool().all(0)
+        n = min(int(same.long().cumprod(0).sum()), int(mask.sum(1).min()) - 1)  # every row keeps a token after it
+        if n - start < min_tokens:
+            return tail(ids, mask, prefix, kwargs)
+        cache = cached(prefix, 1) if prefix else DynamicCache(config=backbone.config)
+        head = original(input_ids=ids[:1, start:n], cache=cache, use_cache=True, **kwargs).last_hidden_state
+        rest = split(ids, mask, [(layer.keys, layer.values) for layer in cache.layers], kwargs)
+        return torch.cat([head.expand(ids.size(0), -1, -1), rest], 1)
+
+    def split(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
+        """Hidden states after the prefix: rows grouped by their next `min_tokens` tokens."""
+        start = prefix[0][0].size(-2) if prefix else 0
+        window = slice(start, start + min_tokens)
+        groups: dict[Any, list[int]] = {}
+        for row, (w, m) in enumerate(zip(ids[:, window].tolist(), mask[:, window].tolist())):
+            groups.setdefault(tuple(w) if len(m) == min_tokens and all(m) else None, []).append(row)
+        alone = groups.pop(None, [])
+        alone += [rows[0] for rows in groups.values() if len(rows) == 1]
+        parts, order = [], []
+        for rows, run in [(rows, shared) for rows in groups.values() if len(rows) > 1] + [(alone, tail)] * bool(alone):
+            length = int(mask[rows].sum(1).max())
+            hidden = run(ids[rows, :length], mask[rows, :length], prefix, kwargs)
+            parts.append(F.pad(hidden, (0, 0, 0, ids.size(1) - length)))  # padding positions: zeros, masked downstream
+            order += rows
+        return torch.cat(parts)[torch.tensor(order).argsort()]
 
     def forward(input_ids=None, attention_mask=None, **kwargs):
         plain = all(kwargs.get(k) is None for k in ("cache", "inputs_embeds", "position_ids"))
         if not plain or input_ids is None or input_ids.dim() != 2 or (backbone.training and backbone.is_activation_checkpointing):
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        groups: dict[Any, list[int]] = {}
-        for row, (ids, m) in enumerate(zip(input_ids[:, :min_tokens].tolist(), mask[:, :min_tokens].tolist())):
-            groups.setdefault(tuple(ids) if all(m) else -1 - row, []).append(row)
-        if len(groups) == input_ids.size(0):
+        first = [(tuple(ids), all(m)) for ids, m in zip(input_ids[:, :min_tokens].tolist(), mask[:, :min_tokens].tolist())]
+        if len({ids for ids, full in first if full}) == sum(full for _, full in first):  # no two rows start alike
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-        width, order, parts = input_ids.size(1), [], []
-        for rows in groups.values():
-            length = int(mask[rows].sum(1).max())
-            hidden = run_group(input_ids[rows, :length], mask[rows, :length], kwargs)
-            parts.append(F.pad(hidden, (0, 0, 0, width - length)))  # padding positions: zeros, masked downstream
-            order += rows
-        hidden = torch.cat(parts)[torch.tensor(order).argsort()]
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "cache")}  # None on this path (a causal LM passes cache=None)
+        return BaseModelOutputWithPast(last_hidden_state=split(input_ids, mask, [], kwargs))
 
     backbone.forward = forward
     try:

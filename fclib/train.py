@@ -231,11 +231,13 @@ def shared_prompt_prefix(model: Any, min_tokens: int = 16) -> Iterator[None]:
     row, and goes on the same way with the rows' remainders on that prefix's keys and values
     (next by pair: the problem and the history before the two completions). What no two rows
     share runs as one batch on the expanded keys and values. Each group is cut to its longest
-    row, so padding is not computed either. The hidden states of every non-padding position are
-    the same and so, through the expansion, are the gradients (tests/test_train.py checks
-    both). Calls with a cache or embeddings (generation) and gradient checkpointing (4-bit on
-    CUDA) take the backbone's own path. Under dropout a shared prefix would draw one mask for
-    all its rows; TRL's DPOConfig disables dropout by default.
+    row, so padding is not computed either. In DPO's reference pass (adapters off, no
+    gradients) the task prefixes are those of the frozen base, computed once for the whole
+    context (all of training). The hidden states of every non-padding position are the same
+    and so, through the expansion, are the gradients (tests/test_train.py checks both). Calls
+    with a cache or embeddings (generation) and gradient checkpointing (4-bit on CUDA) take the
+    backbone's own path. Under dropout a shared prefix would draw one mask for all its rows;
+    TRL's DPOConfig disables dropout by default.
     """
     import torch
     import torch.nn.functional as F
@@ -245,6 +247,12 @@ def shared_prompt_prefix(model: Any, min_tokens: int = 16) -> Iterator[None]:
     backbone = _causal_lm(model).base_model
     original = backbone.forward
     Prefix = list[tuple[Any, Any]]  # per layer: keys and values of one row's first positions
+    lora = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+    frozen: dict[tuple[int, ...], tuple[Any, Prefix]] = {}  # task prefixes under the frozen base: hidden states, keys/values
+
+    def base_only() -> bool:
+        """Adapters off and no gradients (DPO's reference pass): the frozen base's prefixes are reused across calls."""
+        return bool(lora) and not torch.is_grad_enabled() and all(m.disable_adapters for m in lora)
 
     def cached(prefix: Prefix, rows: int) -> Any:
         cache = DynamicCache(config=backbone.config)
@@ -268,10 +276,22 @@ def shared_prompt_prefix(model: Any, min_tokens: int = 16) -> Iterator[None]:
         n = min(int(same.long().cumprod(0).sum()), int(mask.sum(1).min()) - 1)  # every row keeps a token after it
         if n - start < min_tokens:
             return tail(ids, mask, prefix, kwargs)
+        reuse = not prefix and base_only()
+        if reuse:
+            first = ids[0, :n].tolist()
+            hit = max((k for k in frozen if len(k) <= n and list(k) == first[: len(k)]), key=len, default=None)
+            if hit is not None:
+                head, kv = frozen[hit]
+                rest = (shared if n - len(hit) >= min_tokens else split)(ids, mask, kv, kwargs)
+                return torch.cat([head.expand(ids.size(0), -1, -1), rest], 1)
         cache = cached(prefix, 1) if prefix else DynamicCache(config=backbone.config)
         head = original(input_ids=ids[:1, start:n], cache=cache, use_cache=True, **kwargs).last_hidden_state
-        rest = split(ids, mask, [(layer.keys, layer.values) for layer in cache.layers], kwargs)
-        return torch.cat([head.expand(ids.size(0), -1, -1), rest], 1)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if reuse:
+            frozen[tuple(first)] = (head, kv)
+            while len(frozen) > 8:  # one or two per task in practice
+                del frozen[next(iter(frozen))]
+        return torch.cat([head.expand(ids.size(0), -1, -1), split(ids, mask, kv, kwargs)], 1)
 
     def split(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
         """Hidden states after the prefix: rows grouped by their next `min_tokens` tokens."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 
@@ -206,6 +207,39 @@ def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
     assert torch.allclose(hidden_a, hidden_b, atol=1e-5)
     # the shared prefix's gradient is summed in another order: a few 1e-4 of a unit where contributions cancel
     assert grads_a and all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(grads_a, grads_b, strict=True))
+
+
+def test_shared_prompt_prefix_reuses_the_frozen_base_prefix_only(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from fclib.train import shared_prompt_prefix
+
+    base, _ = tiny
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    backbone = model.get_base_model().base_model
+    g = torch.Generator().manual_seed(1)
+
+    def tokens(n):
+        return torch.randint(10, model.config.vocab_size, (n,), generator=g)
+
+    a = tokens(80)
+    batches = [torch.stack([torch.cat([a, tokens(20)]) for _ in range(3)]) for _ in range(3)]
+    calls = []
+    hook = backbone.embed_tokens.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    plain = []
+    with torch.no_grad():
+        with model.disable_adapter():
+            plain += [backbone(input_ids=ids).last_hidden_state for ids in batches[:2]]
+        plain.append(backbone(input_ids=batches[2]).last_hidden_state)
+        calls.clear()
+        with shared_prompt_prefix(model):
+            with model.disable_adapter():  # the reference pass: the prefix once for both batches
+                shared = [backbone(input_ids=ids).last_hidden_state for ids in batches[:2]]
+            shared.append(backbone(input_ids=batches[2]).last_hidden_state)  # the adapter on: computed again
+    hook.remove()
+    assert calls == [(1, 80), (3, 20), (3, 20), (1, 80), (3, 20)]
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(plain, shared, strict=True))
+    assert not torch.allclose(plain[0][:, :80], plain[2][:, :80], atol=1e-3), "the adapter should change the prefix"
 
 
 @pytest.mark.slow

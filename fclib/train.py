@@ -369,7 +369,7 @@ def trainable_parameters(model: Any) -> dict[str, int]:
 
 
 def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool = False) -> tuple[Any, Any]:
-    """Base + trained adapter for evaluation (in fp32 on CPU); `merge=True` folds the adapter into the weights.
+    """Base + trained adapter for evaluation (fp32, on the GPU if there is one); `merge=True` folds the adapter in.
 
     The base is read from the adapter's training settings unless given. Merging always starts
     from the full-precision base, never from the 4-bit one.

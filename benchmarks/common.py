@@ -9,14 +9,18 @@ from fclib.agent import outcome_counts, run_chains
 from fclib.tasks import TASKS
 
 
-def chain_arguments(description: str, problems: int = 8, flags: tuple[tuple[str, str], ...] = ()) -> argparse.Namespace:
-    """--model, --problems, --steps, and on/off `flags` given as (option, help)."""
+def chain_arguments(
+    description: str, problems: int = 8, flags: tuple[tuple[str, str], ...] = (), lists: tuple[tuple[str, str], ...] = ()
+) -> argparse.Namespace:
+    """--model, --problems, --steps, on/off `flags` and integer `lists`, each given as (option, help)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--problems", type=int, default=problems)
     ap.add_argument("--steps", type=int, default=4, help="agent steps per chain")
     for option, text in flags:
         ap.add_argument(option, action="store_true", help=text)
+    for option, text in lists:
+        ap.add_argument(option, type=int, nargs="+", default=[], help=text)
     return ap.parse_args()
 
 

@@ -10,8 +10,11 @@ limits, on the in-process backend:
   (slow: every turn recomputes ~900 prompt tokens per chain).
 
     python benchmarks/evaluation.py [--model embedded] [--problems 16] [--steps 4] [--uncached]
+    python benchmarks/evaluation.py --problems 50 --steps 3 --batch-sizes 32 16 8
 
-The last line is `ratio: <batched / one at a time>`.
+The last line is `ratio: <batched / one at a time>`. With `--batch-sizes` the arms are those
+batch sizes instead (each problem set split into batches of that size), and the last line is
+`ratio: <each arm / the first>`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from fclib.tasks import TASKS, fol
 
 
 def main() -> None:
-    args = chain_arguments(__doc__.splitlines()[0], problems=16, flags=(("--uncached", "also run batched without the prompt cache"),))
+    args = chain_arguments(__doc__.splitlines()[0], problems=16, flags=(("--uncached", "also run batched without the prompt cache"),),
+                           lists=(("--batch-sizes", "compare these batch sizes instead"),))  # fmt: skip
 
     backend = LocalBackend.load(args.model)
     problems = fol.generate(args.problems, seed=9, nmax=6, split="test")
@@ -35,6 +39,15 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     arms = {}
     runs = [("one at a time", 1, True), (f"batched ({len(problems)})", len(problems), True)]
+    if args.batch_sizes:
+        for size in args.batch_sizes:
+            backend.batch_size, backend.prefix_cache = size, True
+            backend.clear_cache()
+            arms[size], counts = chains_per_minute(backend, problems, config)
+            print(f"batches of {size:<25} {arms[size]:7.2f} chains/min   {counts}", flush=True)
+        first = args.batch_sizes[0]
+        print("ratio: " + ", ".join(f"{size}/{first} = {arms[size] / arms[first]:.2f}" for size in args.batch_sizes[1:]))
+        return
     if args.uncached:
         runs.append((f"batched ({len(problems)}), no prompt cache", len(problems), False))
     for label, batch, cache in runs:

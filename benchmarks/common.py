@@ -10,9 +10,13 @@ from fclib.tasks import TASKS
 
 
 def chain_arguments(
-    description: str, problems: int = 8, flags: tuple[tuple[str, str], ...] = (), lists: tuple[tuple[str, str], ...] = ()
+    description: str,
+    problems: int = 8,
+    flags: tuple[tuple[str, str], ...] = (),
+    lists: tuple[tuple[str, str], ...] = (),
+    paths: tuple[tuple[str, str], ...] = (),
 ) -> argparse.Namespace:
-    """--model, --problems, --steps, on/off `flags` and integer `lists`, each given as (option, help)."""
+    """--model, --problems, --steps, on/off `flags`, integer `lists` and `paths`, each given as (option, help)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--problems", type=int, default=problems)
@@ -21,6 +25,8 @@ def chain_arguments(
         ap.add_argument(option, action="store_true", help=text)
     for option, text in lists:
         ap.add_argument(option, type=int, nargs="+", default=[], help=text)
+    for option, text in paths:
+        ap.add_argument(option, default="", help=text)
     return ap.parse_args()
 
 

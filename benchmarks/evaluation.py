@@ -11,10 +11,12 @@ limits, on the in-process backend:
 
     python benchmarks/evaluation.py [--model embedded] [--problems 16] [--steps 4] [--uncached]
     python benchmarks/evaluation.py --problems 50 --steps 3 --batch-sizes 32 16 8
+    python benchmarks/evaluation.py --test-set outputs/cpu/problems/test.jsonl --steps 3 --batch-sizes 32 16
 
 The last line is `ratio: <batched / one at a time>`. With `--batch-sizes` the arms are those
 batch sizes instead (each problem set split into batches of that size), and the last line is
-`ratio: <each arm / the first>`.
+`ratio: <each arm / the first>`. `--test-set` runs a run's held-out problems (FOL and GSM8K)
+instead of generated FOL ones.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from common import chain_arguments, chains_per_minute
 
 from fclib.agent import AgentConfig, run_chains
 from fclib.llm import LocalBackend
+from fclib.problems import read_problems
 from fclib.tasks import TASKS, fol
 
 
 def main() -> None:
     args = chain_arguments(__doc__.splitlines()[0], problems=16, flags=(("--uncached", "also run batched without the prompt cache"),),
-                           lists=(("--batch-sizes", "compare these batch sizes instead"),))  # fmt: skip
+                           lists=(("--batch-sizes", "compare these batch sizes instead"),),
+                           paths=(("--test-set", "a run's problems/test.jsonl instead of generated FOL problems"),))  # fmt: skip
 
     backend = LocalBackend.load(args.model)
-    problems = fol.generate(args.problems, seed=9, nmax=6, split="test")
+    problems = read_problems(args.test_set) if args.test_set else fol.generate(args.problems, seed=9, nmax=6, split="test")
     config = AgentConfig(max_steps=args.steps)
     run_chains(backend, TASKS, problems[:1], AgentConfig(max_steps=1), progress=False)  # warm-up
-    print(f"{len(problems)} FOL chains of at most {args.steps} steps, greedy, model {args.model}, "
+    print(f"{len(problems)} chains of at most {args.steps} steps, greedy, model {args.model}, "
           f"torch threads {torch.get_num_threads()}")
     arms = {}
     runs = [("one at a time", 1, True), (f"batched ({len(problems)})", len(problems), True)]

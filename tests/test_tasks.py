@@ -1,6 +1,12 @@
 """The tasks: FOL ground truth cross-checked with sympy, GSM8K parsing and reference coverage."""
 
+import gzip
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from sympy import Symbol
@@ -130,6 +136,48 @@ def test_gsm8k_bad_files_name_file_and_line(tmp_path):
         gsm8k.load("train", tmp_path)
     with pytest.raises(FileNotFoundError):
         gsm8k.load("test", tmp_path)
+
+
+def test_gsm8k_ships_with_the_package_and_its_checksums_are_checked(tmp_path):
+    assert gsm8k.default_source() == str(gsm8k.SHIPPED)
+    assert (gsm8k.SHIPPED / "LICENSE").read_text().startswith("MIT License")
+    assert len(gsm8k.load("test")) == 1319 and gsm8k.load("test")[0].answer == 18
+    # a copy with one byte changed is refused, naming the file; without SHA256SUMS it loads as a plain folder
+    for name in ("test.jsonl.gz", "SHA256SUMS"):
+        (tmp_path / name).write_bytes((gsm8k.SHIPPED / name).read_bytes())
+    data = gzip.decompress((tmp_path / "test.jsonl.gz").read_bytes()).replace(b"Janet", b"Jenny", 1)
+    (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(data))
+    with pytest.raises(ValueError, match=r"test.jsonl.gz: checksum mismatch"):
+        gsm8k.load("test", tmp_path)
+    (tmp_path / "SHA256SUMS").unlink()
+    assert gsm8k.load("test", tmp_path)[0].question.startswith("Jenny")
+
+
+def test_gsm8k_source_that_is_neither_folder_nor_hub_id_is_refused(tmp_path):
+    for bad in (tmp_path / "missing", tmp_path / "file.txt", "./gsm8k"):
+        Path(tmp_path / "file.txt").write_text("x")
+        with pytest.raises(FileNotFoundError, match="neither a folder"):
+            gsm8k.load("test", bad)
+
+
+@pytest.mark.slow
+def test_the_project_needs_nothing_beside_its_folder(tmp_path):
+    """A copy of the project in an empty folder builds every task's problems, with GSM8K from inside it."""
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "alone" / "project"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__", ".*cache"))
+    script = (
+        "import fclib, json; from fclib.tasks import build_problems, gsm8k\n"
+        "train, test = build_problems(0, 2, 2, 2, 2, nmax=4)\n"
+        "print(json.dumps([fclib.__file__, gsm8k.default_source(), len(train), len(test)]))"
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=copy, env={**env, "PYTHONPATH": str(copy)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    module, source, n_train, n_test = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(module).is_relative_to(copy) and Path(source).is_relative_to(copy)
+    assert (n_train, n_test) == (4, 4)
 
 
 def test_problems_round_trip_and_bad_lines(tmp_path):

@@ -1,14 +1,16 @@
 """GSM8K: grade-school math word problems, solved with arithmetic functions.
 
-Problems load with `datasets` from the hub id (online) or from local JSONL files. The gold
-answer is the number after `####`. The `<<48/2=24>>` annotations of a solution become a
-reference chain of calls: each expression is parsed with `ast` into calls (never evaluated),
+Problems load from the copy shipped in `fclib/data/gsm8k/` (checksummed), from a folder of
+JSONL files, or with `datasets` from a hub id (online). The gold answer is the number after
+`####`. The `<<48/2=24>>` annotations of a solution become a reference chain of calls: each expression is parsed with `ast` into calls (never evaluated),
 and the chain ends with `final_answer` on the value that matches the gold answer.
 """
 
 from __future__ import annotations
 
 import ast
+import gzip
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,6 +23,7 @@ from fclib.tools import Example, Function, Param, ToolError, Toolset
 
 NAME = "gsm8k"
 HUB_ID = "openai/gsm8k"
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "gsm8k"  # MIT, see its README.md
 REL_TOL = 1e-6
 ABS_TOL = 1e-6
 
@@ -138,21 +141,17 @@ def to_problem(record: dict[str, Any], split: str, index: int) -> Problem:
 
 
 def default_source() -> str:
-    """$FCLIB_GSM8K, else the shared local copy beside the project when present, else the hub id."""
-    import os
-
-    from fclib.runs import PROJECT_ROOT
-
-    local = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k"
-    return os.environ.get("FCLIB_GSM8K") or (str(local) if (local / "train.jsonl").is_file() else HUB_ID)
+    """The copy shipped inside the package (`fclib/data/gsm8k/`, checksummed)."""
+    return str(SHIPPED)
 
 
 def load(split: str = "train", source: str | Path | None = None) -> list[Problem]:
-    """GSM8K problems of a split, from a local folder of `{split}.jsonl` files or the hub."""
+    """GSM8K problems of a split: the shipped copy (default), a folder of `{split}.jsonl[.gz]`, or a hub id."""
     source = source or default_source()
     if Path(source).is_dir():
-        path = Path(source) / f"{split}.jsonl"
-        records = list(_read_jsonl(path))
+        records = list(_read_jsonl(_split_file(Path(source), split)))
+    elif Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(f"gsm8k_source {str(source)!r} is neither a folder of {{train,test}}.jsonl files nor a hub id")
     else:
         from datasets import load_dataset
 
@@ -160,20 +159,41 @@ def load(split: str = "train", source: str | Path | None = None) -> list[Problem
     return [to_problem(r, split, i) for i, r in enumerate(records)]
 
 
+def _split_file(folder: Path, split: str) -> Path:
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no GSM8K file {split}.jsonl or {split}.jsonl.gz in {folder}")
+
+
+def _expected_sha256(folder: Path) -> dict[str, str]:
+    """The checksums a folder's SHA256SUMS lists (file name -> hex digest of the uncompressed file)."""
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        return {}
+    return {name.strip(): digest for digest, name in (line.split(None, 1) for line in sums.read_text().splitlines() if line.strip())}
+
+
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no GSM8K file at {path}")
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
-                    raise ValueError("needs string fields 'question' and 'answer'")
-            except (ValueError, AttributeError) as e:
-                raise ValueError(f"{path}, line {n}: {e}") from None
-            yield record
+    """Records of a JSONL file (gzip when it ends in .gz), checked against SHA256SUMS beside it when listed."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    plain_name = path.name.removesuffix(".gz")
+    expected = _expected_sha256(path.parent).get(plain_name)
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{path}: checksum mismatch (SHA256SUMS lists {expected[:12]}... for {plain_name}); "
+                         "the file is damaged or was changed: restore it from git")
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
+                raise ValueError("needs string fields 'question' and 'answer'")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{path}, line {n}: {e}") from None
+        yield record
 
 
 def expression_calls(expression: str) -> tuple[list[tuple[str, dict[str, float]]], float]:

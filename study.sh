@@ -1,8 +1,27 @@
 #!/usr/bin/env bash
 # The whole study on the embedded default (offline, CPU): sets up .venv if needed, then runs the
-# pipeline's cpu profile. Extra arguments go to the pipeline, e.g. ./study.sh --profile smoke
+# pipeline's cpu profile. Extra arguments go to the pipeline, e.g. ./study.sh --profile workshop
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+case "${1:-}" in
+  -h|--help)
+    cat <<'USAGE'
+usage: ./study.sh [--profile NAME] [--run-name NAME] [--from NN] [--to NN] [-p KEY=VALUE ...]
+
+Runs the study's notebooks 01-05 with papermill into outputs/<run_name>/ and writes report.md there.
+The first call sets up .venv (pinned packages, the embedded model: a few minutes).
+
+  --profile NAME   profiles/NAME.yaml: cpu (default, ~18 min on 2 cores), workshop (~8 min),
+                   smoke (seconds, tiny random models), paper (GPU and a teacher endpoint)
+  --run-name NAME  folder under outputs/ (default: the profile's run_name)
+  --from NN        start at notebook NN, reusing the run's earlier results
+  --to NN          stop after notebook NN
+  -p KEY=VALUE     override one parameter of the profile (typed like YAML: 3, 0.5, true, text)
+
+Models and data are read offline unless the run names a hub id (set HF_HUB_OFFLINE=0 to go online).
+USAGE
+    exit 0 ;;
+esac
 scripts/setup.sh
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 exec .venv/bin/python -m fclib.pipeline --profile cpu "$@"

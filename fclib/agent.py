@@ -16,10 +16,10 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
 
 from fclib.llm import ChatBackend, GenerationSettings, Message, Reply
 from fclib.problems import Problem
+from fclib.runs import progress_bar
 from fclib.protocol import CallSyntaxError, ParsedCall, from_tool_call, parse_call
 from fclib.tools import Execution, Toolset, format_value
 
@@ -163,7 +163,7 @@ def run_chains(
                 tools=toolset.openai_tools() if config.native_tools else None,
             )
             states.append(_State(chain, p, tasks[p.task], toolset))
-    bar = tqdm(total=len(states), desc="chains", unit="chain", disable=not progress)
+    bar = progress_bar(total=len(states), desc="chains", unit="chain", disable=not progress)
 
     def ended(state: _State) -> None:
         bar.update(1)

@@ -2,8 +2,9 @@
 
 Runs the numbered notebooks in order into `outputs/<run_name>/notebooks/`, passing one set of
 parameters to all of them (each notebook receives the ones its `parameters` cell declares),
-and stops at the first failing notebook. Writes `params.yaml`, `env.json` and the wall time of
-each notebook (`timings.json`) beside them.
+and stops at the first failing notebook, streaming each notebook's output to the terminal. Writes
+`params.yaml`, `env.json` (packages, machine, commit), and the wall time and peak memory of each
+notebook (`timings.json`, `memory.json`) beside them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
-from fclib.runs import PROJECT_ROOT, run_dir
+from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV, run_dir
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "openai", "papermill", "sympy")
+KERNEL = "fclib"  # the Jupyter kernel scripts/setup.sh installs (.venv's Python)
 NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
 log = logging.getLogger(__name__)
 
@@ -122,21 +126,87 @@ def notebooks(start: str | None = None, stop: str | None = None) -> list[Path]:
 
 
 def environment() -> dict[str, Any]:
-    """Package versions and device of this run."""
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    """What a run ran on: Python, every installed package, CPU, GPU and the project's git commit."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device, "packages": versions}
+    packages = {d.metadata["Name"]: d.version for d in metadata.distributions() if d.metadata["Name"]}
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": {"model": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpus,
+        "device": gpus[0] if gpus else f"cpu ({torch.get_num_threads()} threads)",
+        "git": _git_state(),
+        "packages": dict(sorted(packages.items(), key=lambda kv: kv[0].lower())),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit of the project checkout and whether it had uncommitted changes (None outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class PeakMemory:
+    """Peak resident memory of this process and all its children (the notebook's kernel, servers it starts).
+
+    Sampled every `interval` seconds in a background thread; `peak_gib` is the largest sum seen.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:  # a child that ended between listing and reading
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return round(self.peak / 2**30, 2)
 
 
 def run(params: dict[str, Any], start: str | None = None, stop: str | None = None) -> Path:
-    """Execute the notebooks with papermill; returns the run folder."""
+    """Execute the notebooks with papermill; returns the run folder.
+
+    Each notebook's output (its prints and progress bars, as text) streams to this process's
+    stdout and stderr while it runs. The wall time and peak memory of each notebook go to
+    `timings.json` and `memory.json`.
+    """
     import papermill as pm
 
     out = run_dir(params["run_name"])
@@ -144,25 +214,35 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (out / "env.json").write_text(json.dumps(environment(), indent=2))
     os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    for nb in notebooks(start, stop):
+    os.environ[TEXT_PROGRESS_ENV] = "1"  # progress bars as text, so they reach the terminal
+    os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
+    timings = _read_json(out / "timings.json")
+    memory = _read_json(out / "memory.json")
+    todo = notebooks(start, stop)
+    for i, nb in enumerate(todo, 1):
         declared = pm.inspect_notebook(str(nb))
         given = {k: v for k, v in params.items() if k in declared}
         target = out / "notebooks" / nb.name
-        log.info("running %s", nb.name)
+        log.info("[%d/%d] %s: running (executed copy: %s)", i, len(todo), nb.stem, target)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=given, cwd=str(NOTEBOOKS), progress_bar=False)
-            timings[nb.stem] = round(time.perf_counter() - t0, 1)
-            timings_path.write_text(json.dumps(timings, indent=2))
-            log.info("%s done in %.0f s", nb.name, timings[nb.stem])
+            with PeakMemory() as peak:
+                pm.execute_notebook(str(nb), str(target), parameters=given, cwd=str(NOTEBOOKS), kernel_name=KERNEL,
+                                    progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)  # fmt: skip
         except pm.PapermillExecutionError as e:
             raise SystemExit(
                 f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                 f"the executed notebook is at {target}"
             ) from None
+        timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        (out / "memory.json").write_text(json.dumps(memory, indent=2))
+        log.info("[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib)
     return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,8 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.run_name:
         overrides["run_name"] = args.run_name
     params = load_profile(args.profile, overrides)
+    t0 = time.perf_counter()
     out = run(params, args.start, args.stop)
-    print(f"done: the results of run {params['run_name']!r} are in {out}")
+    minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    peak = max(_read_json(out / "memory.json").values(), default=0)
+    print(f"done in {minutes} min {seconds} s (peak memory {peak:.2f} GiB): the results of run {params['run_name']!r} are in {out}")
 
 
 if __name__ == "__main__":

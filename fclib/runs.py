@@ -1,12 +1,14 @@
-"""Where a run writes: `outputs/<run_name>/`, found from the project, never from the working directory."""
+"""Where a run writes (`outputs/<run_name>/`, found from the project, never from the working directory), and how it shows progress."""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TEXT_PROGRESS_ENV = "FCLIB_TEXT_PROGRESS"  # set by the pipeline: notebooks run headless show text bars
 
 
 def outputs_root() -> Path:
@@ -22,3 +24,13 @@ def run_dir(run_name: str, create: bool = True) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar: a widget in Jupyter; plain text when $FCLIB_TEXT_PROGRESS is set (the pipeline sets it,
+    so the bars of a headless run reach the terminal and the executed notebook as text)."""
+    if os.environ.get(TEXT_PROGRESS_ENV):
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(**kwargs)

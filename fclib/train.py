@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from fclib.runs import TEXT_PROGRESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +191,16 @@ def make_trainer(pairs_dir: str | Path, run_folder: str | Path, settings: TrainS
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     has_eval = "validation" in data and data["validation"].num_rows > 0
     args = dpo_config(settings, Path(run_folder) / "model" / "checkpoints", four_bit, has_eval)
-    return DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"] if has_eval else None,
-                      processing_class=tokenizer, peft_config=lora_config(settings), callbacks=callbacks)  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"] if has_eval else None,
+                         processing_class=tokenizer, peft_config=lora_config(settings), callbacks=callbacks)  # fmt: skip
+    if os.environ.get(TEXT_PROGRESS_ENV):  # headless: a text bar and a line per logged step reach the terminal
+        from transformers.trainer_callback import ProgressCallback
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressCallback)
+    return trainer
 
 
 @contextmanager

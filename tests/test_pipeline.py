@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,9 +80,20 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     run = tmp_path / "t1"
     assert f"are in {run}" in proc.stdout
     assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "t1"
-    assert "packages" in json.loads((run / "env.json").read_text())
+    env_record = json.loads((run / "env.json").read_text())
+    assert {"torch", "trl", "papermill", "fclib"} <= set(env_record["packages"]) and len(env_record["packages"]) > 100
+    assert env_record["python"] == sys.version.split()[0] and env_record["cpu"]["cores"] >= 1
+    assert isinstance(env_record["gpus"], list) and re.fullmatch(r"[0-9a-f]{40}", env_record["git"]["commit"])
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == {nb.stem for nb in pipeline.notebooks()} and all(t > 0 for t in timings.values())
+    memory = json.loads((run / "memory.json").read_text())
+    assert set(memory) == set(timings) and all(0.1 < gib < 64 for gib in memory.values())
+    # progress reaches the terminal: each notebook's start and end, and the notebooks' own output as it runs
+    n = len(timings)
+    for i, nb in enumerate(pipeline.notebooks(), 1):
+        assert f"[{i}/{n}] {nb.stem}: running" in proc.stderr and f"[{i}/{n}] {nb.stem}: done in" in proc.stderr
+    assert "chains (teacher)" in proc.stderr and "[fol] fol-train" in proc.stdout  # a tqdm bar, a transcript
+    assert re.search(r"done in \d+ min \d+ s \(peak memory \d+\.\d+ GiB\)", proc.stdout)
     for nb in pipeline.notebooks():
         assert (run / "notebooks" / nb.name).is_file()
     train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")

@@ -13,12 +13,15 @@ from fclib import pipeline
 from fclib.generate import STEP_VERDICTS
 from fclib.pairs import REJECTED_VERDICTS
 from fclib.problems import read_problems
+from fclib.runs import PROJECT_ROOT
 
 
 def test_profiles_parse_and_share_their_parameters():
-    cpu, smoke = pipeline.load_profile("cpu"), pipeline.load_profile("smoke")
+    cpu, smoke, workshop = pipeline.load_profile("cpu"), pipeline.load_profile("smoke"), pipeline.load_profile("workshop")
     paper = pipeline.load_profile("paper", {"teacher_url": "https://api.example.org/v1", "teacher": "big"})
-    assert set(cpu) == set(smoke) == set(paper) and cpu["student"] == "embedded" and smoke["student"] == "tiny"
+    assert set(cpu) == set(smoke) == set(paper) == set(workshop)
+    assert cpu["student"] == workshop["student"] == "embedded" and smoke["student"] == "tiny"
+    assert workshop["fol_test"] <= cpu["fol_test"] and workshop["train_max_steps"] <= cpu["train_max_steps"]
     assert paper["nmax"] == [10, 20] and paper["gsm8k_test"] == 1319
 
 
@@ -131,7 +134,27 @@ def test_smoke_pipeline_end_to_end(tmp_path):
             m = metrics["models"][label][task]
             assert m["n"] == 2 and 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1] <= 1
     assert set(metrics["paired"]) == {"fol", "gsm8k"} and "p_value" in metrics["paired"]["fol"]
+    # the executed notebooks publish as docs/notebooks/ does: all five, outputs kept, under the size limit
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    from publish_notebooks import LIMIT_BYTES, publish
+
+    published = publish(run, tmp_path / "published")
+    assert [p.name for p in published] == [nb.name for nb in pipeline.notebooks()]
+    assert sum(p.stat().st_size for p in published) < LIMIT_BYTES
+    assert all(any(c.get("outputs") for c in json.loads(p.read_text())["cells"]) for p in published)
     report = (run / "report.md").read_text()
     assert "| dpo | fol |" in report and "McNemar" in report
     for name in ("training_curves", "margins_before_after", "pair_lengths", "pair_calls", "eval_accuracy", "eval_outcomes"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_published_notebooks_are_the_five_executed_ones():
+    """docs/notebooks/ (linked from the README) holds every notebook, executed, within the size limit."""
+    docs = PROJECT_ROOT / "docs" / "notebooks"
+    published = sorted(docs.glob("*.ipynb"))
+    assert [p.name for p in published] == [nb.name for nb in pipeline.notebooks()]
+    assert sum(p.stat().st_size for p in published) < 3_000_000
+    for path in published:
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        assert all(c["execution_count"] for c in cells), f"{path.name} has cells that did not run"
+        assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"], path.name

@@ -1,0 +1,64 @@
+"""Publish a run's executed notebooks into docs/notebooks/, outputs included, for people to read on the forge.
+
+    .venv/bin/python scripts/publish_notebooks.py outputs/cpu
+
+Copies `<run>/notebooks/NN_*.ipynb`, drops what only a live Jupyter needs (widget state, papermill's
+per-cell timing metadata), keeps every output, and refuses to write more than 3 MB in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ROOT / "docs" / "notebooks"
+LIMIT_BYTES = 3_000_000
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The notebook without widget state and per-cell papermill metadata; outputs kept."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:  # a widget shows nothing without its live state: keep its text form
+                data.pop(WIDGET_VIEW)
+    return nb
+
+
+def publish(run: Path, target: Path = TARGET) -> list[Path]:
+    sources = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not sources:
+        raise SystemExit(f"no executed notebooks in {run / 'notebooks'}: run ./study.sh first")
+    texts = {src.name: json.dumps(clean(nbformat.read(src, as_version=4)), indent=1, ensure_ascii=False) + "\n"
+             for src in sources}  # fmt: skip
+    total = sum(len(t.encode()) for t in texts.values())
+    if total > LIMIT_BYTES:
+        raise SystemExit(f"the executed notebooks take {total / 1e6:.1f} MB, over the {LIMIT_BYTES / 1e6:.0f} MB limit")
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts.items():
+        (target / name).write_text(text)
+        written.append(target / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a run folder, e.g. outputs/cpu")
+    args = ap.parse_args(argv)
+    written = publish(args.run)
+    total = sum(p.stat().st_size for p in written)
+    print(f"wrote {len(written)} notebooks to {TARGET} ({total / 1e6:.2f} MB)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,11 +16,10 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-
 from fclib.llm import ChatBackend, GenerationSettings, Message, Reply
 from fclib.problems import Problem
-from fclib.runs import progress_bar
 from fclib.protocol import CallSyntaxError, ParsedCall, from_tool_call, parse_call
+from fclib.runs import progress_bar
 from fclib.tools import Execution, Toolset, format_value
 
 log = logging.getLogger(__name__)

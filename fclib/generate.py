@@ -31,7 +31,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.llm import ChatBackend
 from fclib.problems import Problem
@@ -180,7 +179,7 @@ def generate(
     counts = {"correct": 0, "error": 0}
     new: list[dict[str, Any]] = []
     bar = progress_bar(total=total, initial=total - sum(len(m) for _, m in todo), desc=f"chains ({source})", unit="chain",
-               disable=not progress, smoothing=0.1)  # fmt: skip
+                       disable=not progress, smoothing=0.1)  # fmt: skip
 
     with open(path, "a", encoding="utf-8") as out:
 
@@ -307,7 +306,8 @@ def sample_steps(
     todo = [j for j in jobs if (source, j[0]["problem_id"], j[3]) not in done]
     counts = {"rejected": 0}
     new: list[dict[str, Any]] = []
-    bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc=f"steps ({source})", unit="reply", disable=not progress)
+    bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc=f"steps ({source})", unit="reply",
+                       disable=not progress)
     with open(path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]

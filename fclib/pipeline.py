@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -44,16 +45,32 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
     for key, value in (overrides or {}).items():
         if key not in params:
             raise SystemExit(f"unknown parameter {key!r}; profile {name} has: {', '.join(params)}")
+        if key == "teacher_api_key_env" and not _is_variable_name(value):
+            raise SystemExit("teacher_api_key_env takes the NAME of an environment variable that holds the key "
+                             "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown")  # fmt: skip
+        if value is None and params[key] is not None:
+            raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got null")
         if params[key] is not None and value is not None and type(value) is not type(params[key]):
             widening = isinstance(params[key], float) and isinstance(value, int)
             sizes = key == "nmax" and isinstance(value, (int, list))  # one size or several
             if not (widening or sizes):
                 raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got {value!r}")
         params[key] = value
+    try:
+        run_dir(params["run_name"], create=False)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     problems = validate(params, name)
     if problems:
         raise SystemExit("impossible parameters:\n- " + "\n- ".join(problems))
     return params
+
+
+def _is_variable_name(value: Any) -> bool:
+    """An environment variable's name, and not something that looks like a pasted API key."""
+    text = str(value)
+    key_prefixes = ("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_")
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", text)) and not text.lower().startswith(key_prefixes)
 
 
 def validate(params: dict[str, Any], profile: str = "") -> list[str]:

@@ -2,6 +2,8 @@
 # Regenerates requirements.lock: resolves requirements.txt in a fresh virtual environment and pins every
 # package it installed (transitive ones too). Run it after changing requirements.txt, then ./test.sh.
 # Local version labels (torch's "+cpu") are dropped, so the lock names the same releases on every machine.
+# Run it with the oldest Python the project supports (pyproject.toml: 3.11), e.g. PYTHON=/usr/bin/python3 on
+# Debian 12 (3.11.2): a newer one can pin releases the older cannot install (a test checks this).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"

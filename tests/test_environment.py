@@ -77,6 +77,24 @@ def test_the_lock_matches_this_environment():
     assert not differ, f"installed packages differ from requirements.lock (run scripts/setup.sh): {differ}"
 
 
+def test_every_locked_package_runs_on_the_oldest_python_the_project_supports():
+    """A lock resolved on a newer Python can pin releases an older one cannot install (it happened: soupsieve
+    4.1.3 needs 3.11.5, and Debian 12's Python is 3.11.2)."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    supported = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    oldest = re.fullmatch(r">=\s*(\d+\.\d+)", supported).group(1) + ".0"
+    locked = pins(PROJECT_ROOT / "requirements.lock")
+    too_new = {}
+    for dist in metadata.distributions():
+        name, needs = canonicalize_name(dist.metadata["Name"]), dist.metadata.get("Requires-Python")
+        if name in locked and needs and oldest not in SpecifierSet(needs):
+            too_new[name] = needs
+    assert not too_new, f"locked packages that Python {oldest} cannot install (run PYTHON=<oldest> scripts/lock.sh): {too_new}"
+
+
 def notebook_imports() -> set[str]:
     modules = set()
     for nb in sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb")):

@@ -46,6 +46,24 @@ def test_bad_parameters_fail_at_once():
         pipeline.load_profile("gpu9")
 
 
+def test_null_values_bad_run_names_and_pasted_keys_get_one_line_messages(capsys):
+    for key in ("k", "concurrency", "seed"):
+        with pytest.raises(SystemExit, match=rf"parameter {key} must be int, got null"):
+            pipeline.load_profile("cpu", {key: None})
+    for bad in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(SystemExit, match=r"run_name .* must be letters, digits"):
+            pipeline.load_profile("cpu", {"run_name": bad})
+    with pytest.raises(SystemExit, match=r"run_name '\.\./x' must be"):
+        pipeline.main(["--profile", "smoke", "--run-name", "../x"])
+    secret = "sk-proj-" + "A1b2C3d4" * 6
+    for value in (secret, "sk_live_" + "x9" * 12, "hf_" + "Ab3" * 10, "my key", "1ABC", "A" * 80):
+        with pytest.raises(SystemExit, match="NAME of an environment variable") as refused:
+            pipeline.load_profile("cpu", {"teacher_api_key_env": value})
+        assert value not in str(refused.value)
+    assert pipeline.load_profile("cpu", {"teacher_api_key_env": "MY_KEY"})["teacher_api_key_env"] == "MY_KEY"
+    assert secret not in capsys.readouterr().out
+
+
 def test_notebook_parameters_match_the_profiles():
     import papermill as pm
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.llm import ChatBackend
 from fclib.problems import Problem
-from fclib.runs import progress_bar
+from fclib.runs import jsonl_line, progress_bar
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str, int]
@@ -113,7 +113,7 @@ def _write_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(jsonl_line(r))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -185,7 +185,7 @@ def generate(
 
         def save(chain: Chain) -> None:
             new.append(chain.to_dict())
-            out.write(json.dumps(new[-1], ensure_ascii=False) + "\n")
+            out.write(jsonl_line(new[-1]))
             out.flush()
             counts["correct"] += chain.outcome == "correct"
             counts["error"] += chain.outcome == "error"
@@ -331,7 +331,7 @@ def sample_steps(
                             "reference_source": ref["source"], "reference_sample": ref["sample"], "turn": turn, "step": step,
                             "model": backend.model_id, "text": reply.text, "verdict": verdict, "function": name, "error": error,
                             "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}})  # fmt: skip
-                out.write(json.dumps(new[-1], ensure_ascii=False) + "\n")
+                out.write(jsonl_line(new[-1]))
                 counts["rejected"] += verdict in REJECTED_VERDICTS
             out.flush()
             os.fsync(out.fileno())

@@ -30,17 +30,21 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fclib.runs import jsonl_line
+
 STRATEGIES = ("all", "random", "first_divergence")
 REFERENCE = "reference"
 STEP_SUFFIX = "-step"  # source of a step reply as a rejected one-turn chain: "<teacher>-step"
 REJECTED_VERDICTS = ("other_function", "wrong_answer", "invalid_call", "parse_error")
 Record = Mapping[str, Any]
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -329,7 +333,7 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
     for name, rows in (("train", pairs.train), ("validation", pairs.validation)):
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                f.write(jsonl_line(row, sort_keys=True))
     (folder / "stats.json").write_text(json.dumps(pairs.stats, indent=2, sort_keys=True) + "\n")
     s = pairs.stats
     rows = "\n".join(
@@ -345,9 +349,25 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
         cap=s["max_pairs_per_problem"], use_reference=s["use_reference"], seed=s["seed"], train_pairs=s["train_pairs"],
         train_problems=s["train_problems"], validation_pairs=s["validation_pairs"],
         validation_problems=s["validation_problems"], step_pairs=s.get("step_pairs", 0), task_rows=rows, lengths=shown, dropped=dropped))  # fmt: skip
-    splits = {name: Dataset.from_list(rows) for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}
+    splits = {name: Dataset.from_list([_utf8(row) for row in rows])
+              for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}  # fmt: skip
     DatasetDict(splits).save_to_disk(str(folder / "dataset"))
     return folder
+
+
+def _utf8(value: Any) -> Any:
+    """`value` with every surrogate code point (text UTF-8 cannot encode) replaced by U+FFFD.
+
+    Arrow and the tokenizers need valid UTF-8, so the training dataset carries U+FFFD where a model
+    returned a lone surrogate; `train.jsonl` and `validation.jsonl` keep the exact text.
+    """
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {k: _utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_utf8(v) for v in value]
+    return value
 
 
 def load_pairs(folder: str | Path) -> Any:

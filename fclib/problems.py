@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from fclib.runs import jsonl_line
+
 REQUIRED = ("id", "task", "question", "answer")
 
 
@@ -40,7 +42,7 @@ def write_problems(path: str | Path, problems: Iterable[Problem]) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for p in problems:
-            fh.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+            fh.write(jsonl_line(p.to_dict()))
     tmp.replace(path)
     return path
 

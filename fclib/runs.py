@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -34,3 +35,18 @@ def progress_bar(**kwargs: Any) -> Any:
     else:
         from tqdm.auto import tqdm
     return tqdm(**kwargs)
+
+
+def jsonl_line(record: Any, **kwargs: Any) -> str:
+    """One JSONL line for `record`, safe to write as UTF-8 whatever text a model or endpoint returned.
+
+    Non-ASCII text stays readable (∀, é, ...); a record holding a string UTF-8 cannot encode (an
+    unpaired surrogate such as the JSON escape \\udcff) is written with ASCII escapes instead, which
+    `json.loads` reads back to the same string: lossless either way.
+    """
+    line = json.dumps(record, ensure_ascii=False, **kwargs)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True, **kwargs)
+    return line + "\n"

@@ -232,3 +232,36 @@ def test_a_failed_step_request_is_asked_again(queue_backend, tmp_path):
     assert [s["step"] for s in first] == [0, 2]
     second = sample_steps(queue_backend(["exists(values=[True])"]), [p], path, [ref], progress=False)
     assert [(s["step"], s["verdict"]) for s in second] == [(0, "invalid_call"), (1, "same_function"), (2, "invalid_call")]
+
+
+def test_model_text_utf8_cannot_encode_is_stored_and_read_back_losslessly(tmp_path):
+    """An endpoint can return any str, an unpaired surrogate too (the JSON escape \\udcff): every writer stores it."""
+    from fclib.pairs import build_pairs, save_pairs
+    from fclib.problems import Problem, read_problems, write_problems
+    from fclib.runs import jsonl_line
+
+    odd = "caf\u00e9 \u2200x \udcff \ud800"
+    assert json.loads(jsonl_line({"t": odd})) == {"t": odd} and "\u2200" in jsonl_line({"t": "\u2200"})
+    (problem,) = fol.generate(1, seed=3, nmax=4, split="train")
+    script = reference_script(problem)
+    scripts = {problem.question: [f"{script[0]} {odd}", *script[1:]]}
+    chains = generate(ScriptedBackend(scripts, model_id="odd"), [problem], tmp_path / "chains.jsonl", k=2, config=CONFIG,
+                      progress=False)  # fmt: skip
+    stored, bad = read_chains(tmp_path / "chains.jsonl")
+    assert bad == 0 and strip(stored) == strip(chains) and odd in json.dumps(stored, ensure_ascii=False)
+    weird = Problem("p-odd", "fol", f"Is it true? {odd}", True, problem.meta)
+    assert read_problems(write_problems(tmp_path / "problems.jsonl", [weird])) == [weird]
+    # and the pair writer: the shared history and the rejected turn both hold the odd text
+    from tests.helpers import scripted_chain
+
+    chosen = scripted_chain(problem, [f"{script[0]} {odd}", *script[1:]], 0)
+    rejected = scripted_chain(problem, [f"{script[0]} {odd}", f"look() {odd}", "look()"], 1)
+    pairs = build_pairs([chosen, rejected], validation_share=0)
+    assert len(pairs.train) == 1
+    save_pairs(pairs, tmp_path / "pairs")
+    (row,) = [json.loads(line) for line in (tmp_path / "pairs" / "train.jsonl").read_text().splitlines()]
+    assert row == json.loads(json.dumps(pairs.train[0], sort_keys=True)) and odd in json.dumps(row, ensure_ascii=False)
+    from fclib.pairs import load_pairs
+
+    trained_on = json.dumps(load_pairs(tmp_path / "pairs")["train"][0], ensure_ascii=False)
+    assert "caf\u00e9 \u2200x \ufffd \ufffd" in trained_on  # the dataset's documented escape for what UTF-8 cannot hold

@@ -5,8 +5,9 @@
 Every chain is appended to the JSONL file the moment it ends, so a run killed at any point
 loses only the chains in flight. Started again with the same parameters, it skips every
 finished chain, retries the ones that ended in `error` (a failed request, not a wrong
-answer), and tolerates a truncated last line. Chains are keyed by (source, problem, sample);
-the file never holds two records of one key.
+answer), and sets a cut last line aside in `<file>.cut` (whatever byte it was cut at); any
+other unreadable line stops the run with its file and line number. Chains are keyed by
+(source, problem, sample); the file never holds two records of one key.
 
 Several sources may share a file: a teacher endpoint, the task's reference chains
 (`source="reference"`). The settings each source was generated with are kept beside the
@@ -81,32 +82,59 @@ def key_of(record: Mapping[str, Any]) -> Key:
 
 
 def read_chains(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The chain records of a file (the last one of each key) and the number of unreadable lines.
+    """The chain records of a file (the last one of each key) and whether its last line was cut (0 or 1).
 
-    A line cut short by a killed writer is unreadable; it is skipped, never fatal.
+    A last line cut short by a killed writer (no newline at its end, whatever byte it was cut
+    at) is left out. Any other unreadable line raises `DamagedLedger`, naming the file and line:
+    a record is never dropped silently.
     """
-    records, _, bad = _read(path)
-    return records, bad
+    records, _, cut = _read(path)
+    return records, int(cut is not None)
 
 
-def _read(path: str | Path) -> tuple[list[dict[str, Any]], int, int]:
-    """(last record of each key, readable lines, unreadable lines) of a chain file."""
+class DamagedLedger(ValueError):
+    """A chain or step file holds an unreadable line that is not a cut last line."""
+
+
+def _read(path: str | Path) -> tuple[list[dict[str, Any]], int, bytes | None]:
+    """(last record of each key, readable lines, the cut last line if any) of a chain file."""
     path = Path(path)
     if not path.is_file():
-        return [], 0, 0
+        return [], 0, None
     records: dict[Key, dict[str, Any]] = {}
-    readable = bad = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records[key_of(record)] = record
-                readable += 1
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                bad += 1
-    return list(records.values()), readable, bad
+    readable = 0
+    lines = path.read_bytes().split(b"\n")
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            records[key_of(record)] = record
+            readable += 1
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if n == len(lines):  # the last line, with no newline after it: a writer killed mid-line
+                return list(records.values()), readable, raw
+            raise DamagedLedger(f"{path}, line {n}: unreadable record ({type(e).__name__}: {str(e)[:80]}); "
+                                "repair or remove that line (a cut last line is handled by itself)") from None  # fmt: skip
+    return list(records.values()), readable, None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the next record appended to `path` starts a line of its own (a kill can cut just the newline)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _set_aside(path: Path, cut: bytes) -> None:
+    """Keep a cut last line for inspection in `<file>.cut` before the file is rewritten without it."""
+    side = path.with_name(path.name + ".cut")
+    with open(side, "ab") as f:
+        f.write(cut + b"\n")
+    log.warning("%s: the last line was cut short (a run was interrupted mid-write); kept in %s, its chain is redone",
+                path, side)  # fmt: skip
 
 
 def _write_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
@@ -166,12 +194,12 @@ def generate(
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path, source, fingerprint(backend, config), overwrite)
 
-    records, readable, bad = _read(path)
+    records, readable, cut = _read(path)
     kept = [r for r in records if not (r["source"] == source and r["outcome"] == "error")]
-    if bad or len(kept) != readable:
-        _write_atomic(path, kept)  # drop cut lines and duplicates; failed chains are redone
-    if bad:
-        log.warning("%s: skipped %d unreadable line(s) (a run was interrupted mid-write)", path, bad)
+    if cut is not None:
+        _set_aside(path, cut)
+    if cut is not None or len(kept) != readable or not _ends_with_newline(path):
+        _write_atomic(path, kept)  # drop a cut line and duplicates; failed chains are redone
     done = {key_of(r) for r in kept}
     todo = [(p, [s for s in range(k) if (source, p.id, s) not in done]) for p in problems]
     todo = [(p, missing) for p, missing in todo if missing]
@@ -292,8 +320,10 @@ def sample_steps(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path, source, {**fingerprint(backend, config), "samples": samples}, overwrite)
-    records, readable, bad = _read(path)
-    if bad or len(records) != readable:
+    records, readable, cut = _read(path)
+    if cut is not None:
+        _set_aside(path, cut)
+    if cut is not None or len(records) != readable or not _ends_with_newline(path):
         _write_atomic(path, records)
     done = {key_of(r) for r in records}
     jobs = []  # (reference, turn, step, sample index in the file)

@@ -265,3 +265,51 @@ def test_model_text_utf8_cannot_encode_is_stored_and_read_back_losslessly(tmp_pa
 
     trained_on = json.dumps(load_pairs(tmp_path / "pairs")["train"][0], ensure_ascii=False)
     assert "caf\u00e9 \u2200x \ufffd \ufffd" in trained_on  # the dataset's documented escape for what UTF-8 cannot hold
+
+
+def test_a_ledger_killed_at_any_byte_resumes_to_the_same_chains(tmp_path):
+    """Cut the file inside every multi-byte character of its last record (FOL records hold ∀, →, ¬ raw), at its
+    end, and at random bytes elsewhere: each resume gives the whole run's chains, and the cut line is kept beside
+    the file."""
+    import random
+
+    problems = fol.generate(3, seed=5, nmax=4, split="train")
+    scripted = ScriptedBackend({p.question: reference_script(p) for p in problems})
+    whole_path = tmp_path / "whole.jsonl"
+    whole = generate(scripted, problems, whole_path, k=2, config=CONFIG, progress=False)
+    data = whole_path.read_bytes()
+    assert len(data) != len(data.decode("utf-8"))  # multi-byte characters are there to be cut inside
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    inside_characters = {i for i in range(last_start, len(data)) if data[i] >= 0x80}  # every byte of a multi-byte one
+    assert len(inside_characters) >= 6
+    ends = set(range(len(data) - 3, len(data)))  # the record's end, its newline, the whole file
+    cuts = sorted(inside_characters | ends | set(random.Random(0).sample(range(1, len(data)), 60)))
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}" / "chains.jsonl"
+        path.parent.mkdir()
+        path.write_bytes(data[:cut])
+        (tmp_path / f"cut{cut}" / "chains.meta.json").write_bytes((tmp_path / "whole.meta.json").read_bytes())
+        resumed = generate(scripted, problems, path, k=2, config=CONFIG, progress=False)
+        assert strip(resumed) == strip(whole), cut
+        assert strip(read_chains(path)[0]) == strip(whole) and path.read_bytes().count(b"\n") == len(whole)
+        partial = data[:cut][data[:cut].rfind(b"\n") + 1 :]
+        side = path.with_name("chains.jsonl.cut")
+        whole_record = partial.strip() and partial.decode("utf-8", "replace") in {json.dumps(r, ensure_ascii=False) for r in whole}
+        if partial.strip() and not whole_record:  # a cut line is kept for inspection; a record cut of its newline is kept as is
+            assert side.read_bytes() == partial + b"\n", cut
+        else:
+            assert not side.exists(), cut
+
+
+def test_a_damaged_line_inside_a_ledger_is_never_dropped_silently(tmp_path):
+    problems = fol.generate(2, seed=6, nmax=4, split="train")
+    scripted = ScriptedBackend({p.question: reference_script(p) for p in problems})
+    path = tmp_path / "chains.jsonl"
+    generate(scripted, problems, path, k=2, config=CONFIG, progress=False)
+    lines = path.read_bytes().split(b"\n")
+    for damage in (lines[1][:50], b"\xff\xfe not utf-8", b'{"no": "key fields"}'):
+        path.write_bytes(b"\n".join([lines[0], damage, *lines[2:]]))
+        with pytest.raises(ValueError, match=r"chains.jsonl, line 2: unreadable record"):
+            read_chains(path)
+        with pytest.raises(ValueError, match=r"chains.jsonl, line 2"):
+            generate(scripted, problems, path, k=2, config=CONFIG, progress=False)

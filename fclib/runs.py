@@ -1,4 +1,5 @@
-"""Where a run writes (`outputs/<run_name>/`, found from the project, never from the working directory), and how it shows progress."""
+"""Where a run writes (`outputs/<run_name>/`, found from the project, never from the working directory),
+how it writes a record, and how it shows progress."""
 
 from __future__ import annotations
 

@@ -154,8 +154,8 @@ def test_gsm8k_ships_with_the_package_and_its_checksums_are_checked(tmp_path):
 
 
 def test_gsm8k_source_that_is_neither_folder_nor_hub_id_is_refused(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
     for bad in (tmp_path / "missing", tmp_path / "file.txt", "./gsm8k"):
-        Path(tmp_path / "file.txt").write_text("x")
         with pytest.raises(FileNotFoundError, match="neither a folder"):
             gsm8k.load("test", bad)
 

@@ -2,8 +2,9 @@
 
 Problems load from the copy shipped in `fclib/data/gsm8k/` (checksummed), from a folder of
 JSONL files, or with `datasets` from a hub id (online). The gold answer is the number after
-`####`. The `<<48/2=24>>` annotations of a solution become a reference chain of calls: each expression is parsed with `ast` into calls (never evaluated),
-and the chain ends with `final_answer` on the value that matches the gold answer.
+`####`. The `<<48/2=24>>` annotations of a solution become a reference chain of calls: each
+expression is parsed with `ast` into calls (never evaluated), and the chain ends with
+`final_answer` on the value that matches the gold answer.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from typing import Any
 MAX_CALL_CHARS = 1000  # a single call longer than this is garbage, not a call
 MAX_SCAN_CHARS = 20000  # text beyond this is not searched
 MAX_LITERAL_DEPTH = 4
-_CANDIDATE = re.compile(r"(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)\(")
 _BARE_LITERALS = {"true": True, "false": False, "True": True, "False": False, "None": None, "null": None}
 
 
@@ -52,7 +51,8 @@ def parse_call(text: str, known: set[str] | frozenset[str] | None = None) -> Par
     """Find and parse the first call in a model's reply; raise CallSyntaxError otherwise.
 
     With `known`, a call to a known function is preferred over prose that merely looks like a
-    call (`I will use f(x) now`).
+    call (`I will use f(x) now`). A call may span lines inside its parentheses. Time is linear
+    in the length of the reply.
     """
     if not isinstance(text, str):
         raise CallSyntaxError("the reply is not text")
@@ -62,17 +62,17 @@ def parse_call(text: str, known: set[str] | frozenset[str] | None = None) -> Par
     found: list[ParsedCall] = []
     errors: list[tuple[str, CallSyntaxError]] = []
     covered = -1  # calls nested inside an earlier candidate are part of it, not calls of their own
-    for m in _CANDIDATE.finditer(scan):
-        if m.start() < covered:
+    for start, open_paren, end in _candidates(scan):
+        if start < covered:
             continue
-        end = _closing_paren(scan, m.end() - 1)
+        name = scan[start:open_paren]
         if end is None:
-            errors.append((m.group(1), CallSyntaxError(f"the call to {m.group(1)} is unclosed or too long")))
+            errors.append((name, CallSyntaxError(f"the call to {name} is unclosed")))
             continue
         try:
-            call = _parse_candidate(scan, m.start(), m.end() - 1, end)
+            call = _parse_candidate(scan, start, open_paren, end)
         except CallSyntaxError as e:
-            errors.append((m.group(1), e))
+            errors.append((name, e))
             covered = end
             continue
         if call is not None:
@@ -127,11 +127,15 @@ def _parse_candidate(text: str, start: int, open_paren: int, end: int) -> Parsed
     """Parse the call spanning text[start:end + 1]; None when it is not a call at all."""
     snippet = text[start : end + 1]
     name = text[start:open_paren]
-    before = text[:start].rstrip()
-    if before.endswith("."):
+    before = start - 1
+    while before >= 0 and text[before].isspace():
+        before -= 1
+    if before >= 0 and text[before] == ".":
         raise CallSyntaxError(f"attribute access is not allowed: call {name}(...) directly, by name alone")
-    after = text[end + 1 :].lstrip()
-    if after[:1] in ("(", "[") or (after[:1] == "." and after[1:2].isidentifier()):
+    after = end + 1
+    while after < len(text) and text[after].isspace():
+        after += 1
+    if text[after : after + 1] in ("(", "[") or (text[after : after + 1] == "." and text[after + 1 : after + 2].isidentifier()):
         raise CallSyntaxError("write a single plain call; calling, indexing or accessing its result is not allowed")
     if len(snippet) > MAX_CALL_CHARS:
         raise CallSyntaxError(f"the call to {name} is too long ({len(snippet)} characters)")
@@ -154,29 +158,77 @@ def _parse_candidate(text: str, start: int, open_paren: int, end: int) -> Parsed
     return ParsedCall(node.func.id, args, kwargs, text=snippet)
 
 
-def _closing_paren(text: str, open_paren: int) -> int | None:
-    """Index of the parenthesis closing the one at `open_paren`, skipping quoted strings."""
-    depth, quote, i = 0, None, open_paren
-    limit = min(len(text), open_paren + MAX_CALL_CHARS * 2)
-    while i < limit:
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
+def _is_name_char(ch: str) -> bool:
+    """Whether `ch` may continue a Python identifier (Unicode letters, digits, marks, `_`)."""
+    if ch.isascii():
+        return ch.isalnum() or ch == "_"
+    return ("a" + ch).isidentifier()
+
+
+def _candidates(text: str) -> list[tuple[int, int, int | None]]:
+    """(start, opening parenthesis, closing parenthesis or None) of every `name(` in `text`, in order.
+
+    A candidate is an identifier, by Python's rules (Unicode letters included), glued to `(`;
+    the identifier is the whole run of identifier characters before the parenthesis, so a
+    letter of any script glued in front makes another name. The closing parenthesis of each
+    candidate is found as a scan from its own parenthesis would find it (quoted strings
+    skipped, backslash escapes inside them), but in one pass for all candidates: scans that
+    reach a position in the same quoting state go on identically, so at most five distinct
+    scans (outside quotes, inside '...' or "...", just after a backslash in either) are
+    ever followed at once, each with a stack of the candidates it holds open.
+    """
+    starts: dict[int, int] = {}  # opening parenthesis -> start of its name
+    closes: dict[int, int] = {}  # opening parenthesis -> its closing one
+    scans: dict[tuple[str, int], list[list[int]]] = {}  # (quote or "", escape position or -1) -> open levels
+    for m in _EVENTS.finditer(text):
+        i, ch = m.start(), m.group()
+        moved: dict[tuple[str, int], list[list[int]]] = {}
+        for (quote, escape), stack in scans.items():
+            if escape >= 0:  # the character after a backslash is taken literally
+                if escape == i - 1:
+                    _merge(moved, (quote, -1), stack)
+                    continue
+                escape = -1
+            if not quote:
+                if ch == "(":
+                    stack.append([])
+                elif ch == ")":
+                    for paren in stack.pop():
+                        closes[paren] = i
+                    if not stack:
+                        continue  # every candidate of this scan is closed
+                elif ch in "'\"":
+                    quote = ch
             elif ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-        elif ch == "\n" and depth == 1 and text[open_paren + 1 : i].strip() == "":
-            return None
-        i += 1
-    return None
+                quote = ""
+            elif ch == "\\":
+                escape = i
+            _merge(moved, (quote, escape), stack)
+        scans = moved
+        if ch == "(":
+            start = i
+            while start > 0 and _is_name_char(text[start - 1]):
+                start -= 1
+            if start < i and text[start:i].isidentifier():
+                starts[i] = start
+                stack = scans.setdefault(("", -1), [[]])
+                stack[-1].append(i)
+    return [(start, paren, closes.get(paren)) for paren, start in starts.items()]
+
+
+_EVENTS = re.compile(r"[()'\"\\]")
+
+
+def _merge(scans: dict[tuple[str, int], list[list[int]]], state: tuple[str, int], stack: list[list[int]]) -> None:
+    """Add a scan's open levels to the scan already in `state` (the innermost levels line up)."""
+    other = scans.get(state)
+    if other is None:
+        scans[state] = stack
+        return
+    if len(other) < len(stack):
+        scans[state], other, stack = stack, stack, other
+    for depth in range(1, len(stack) + 1):
+        other[-depth].extend(stack[-depth])
 
 
 def _literal(node: ast.AST, where: str, depth: int) -> Any:

@@ -100,3 +100,73 @@ def test_native_tool_calls_go_through_the_same_path():
         from_tool_call({"function": {"name": "__import__('os')", "arguments": "{}"}})
     with pytest.raises(CallSyntaxError, match="plain value"):
         from_tool_call({"function": {"name": "add", "arguments": '{"a": {"b": 1}}'}})
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("жadd(a=2, b=3)", "жadd"),  # a Cyrillic letter glued in front makes another name
+        ("éadd(a=2, b=3)", "éadd"),
+        ("add\u0301(a=2, b=3)", "add\u0301"),  # a combining mark continues a name
+        ("add_ж(a=2, b=3)", "add_ж"),
+        ("ok: add(a=2, b=3)", "add"),
+        ("«add(a=2, b=3)»", "add"),  # punctuation of any script is a boundary
+        ("是add(a=2, b=3)", "是add"),
+    ],
+)
+def test_identifier_boundaries_follow_python(text, name):
+    call = parse_call(text, KNOWN)
+    assert call.name == name
+    assert call.kwargs == {"a": 2, "b": 3}
+
+
+def test_a_name_glued_to_a_digit_is_not_a_call():
+    with pytest.raises(CallSyntaxError, match="no function call"):
+        parse_call("2add(a=2, b=3)", KNOWN)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "add(\n a=2,\n b=3\n)",
+        "add(\n    a=2,\n    b=3,\n)",
+        "Here it is:\nadd(a=2,\n    b=3)\nDone.",
+        "```python\nadd(\n  a=2, b=3\n)\n```",
+    ],
+)
+def test_calls_spanning_lines_parse(text):
+    call = parse_call(text, KNOWN)
+    assert (call.name, call.kwargs) == ("add", {"a": 2, "b": 3})
+
+
+def test_a_call_inside_an_unclosed_one_is_found_whatever_the_quotes_around_it():
+    assert parse_call("Let's see, add( it's add(a=1, b=2)", KNOWN).kwargs == {"a": 1, "b": 2}
+    assert parse_call("f('x', add(a=1, b=2)", KNOWN).kwargs == {"a": 1, "b": 2}
+    assert parse_call("add(a='it\\'s', b=2)", KNOWN).kwargs == {"a": "it's", "b": 2}
+    assert parse_call('add(a="(", b=")")', KNOWN).kwargs == {"a": "(", "b": ")"}
+
+
+@pytest.mark.parametrize("unit", ["f(", "f('", 'f("\\', "f()", "(", "жadd(", "add(a=1, b=2) "])
+def test_parsing_time_grows_linearly_with_the_reply(unit):
+    """20 KB of `f(` took over 2 s when each unclosed candidate rescanned the rest of the reply.
+
+    Ten times the text may take at most about twenty times as long (a quadratic scan takes a
+    hundred times as long); the best of three runs smooths out a noisy machine.
+    """
+    import time
+
+    def best(n: int) -> float:
+        text = (unit * (n // len(unit) + 1))[:n]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            try:
+                parse_call(text, KNOWN)
+            except CallSyntaxError:
+                pass
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    small, large = best(2000), best(20000)
+    assert large < 1.0, f"{large:.2f} s for 20 KB"
+    assert large / max(small, 1e-4) < 25, f"2 KB: {small * 1000:.1f} ms, 20 KB: {large * 1000:.1f} ms"

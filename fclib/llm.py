@@ -273,20 +273,21 @@ class EndpointError(RuntimeError):
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, `transformers serve`).
 
-    Up to `concurrency` requests are in flight at once. A request that fails with 429, a 5xx,
-    a timeout, a dropped connection, or a malformed or empty answer is retried with
-    exponential backoff and jitter (honouring `Retry-After`), up to `max_retries` times; the
-    retries of each reply are counted. A request the server refuses (400, 404, 422, ...) is
-    not retried. A reply that still fails comes back with `error` set, never as an exception,
-    so one bad request ends one chain, not the run.
+    Up to `concurrency` requests are in flight at once. Transport faults are the `openai`
+    client's to retry: 408, 409, 429 and 5xx answers, timeouts (`timeout` seconds a request),
+    dropped connections, with exponential backoff and jitter, honouring `Retry-After` (in
+    seconds, milliseconds or as a date). What the client takes for a success but is not, a
+    malformed or empty answer, is retried here with the same kind of backoff. Both draw on
+    one budget of `max_retries` per reply, and each reply counts the retries it took. A
+    request the server refuses (400, 404, 422, ...) is not retried. A reply that still fails
+    comes back with `error` set, never as an exception, so one bad request ends one chain,
+    not the run.
 
     The API key is read from the environment variable `api_key_env` only; local servers
     need none. `hf_sampling` sends sampling through `transformers serve`'s
     `generation_config` field, which that server needs to sample at all (other servers
     reject the field).
     """
-
-    RETRYABLE_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
     def __init__(
         self,
@@ -296,19 +297,19 @@ class OpenAIBackend:
         timeout: float = 60.0,
         max_retries: int = 4,
         backoff: float = 0.5,
-        max_backoff: float = 20.0,
+        max_backoff: float = 8.0,
         api_key_env: str = "OPENAI_API_KEY",
         hf_sampling: bool = False,
     ):
         from openai import OpenAI
 
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+        if concurrency < 1 or max_retries < 0 or not timeout > 0:
             raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        # Retries are ours (max_retries=0 below) so that each reply can say how many it took
-        # and malformed answers are retried like transport errors.
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout, max_retries=0)
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout,
+                             max_retries=max_retries)  # fmt: skip
+        self._clients = {max_retries: self.client}  # the same client with less of the retry budget left
         self.base_url, self.model_id = base_url, model
         self.concurrency, self.max_retries = concurrency, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
@@ -319,7 +320,7 @@ class OpenAIBackend:
         import openai
 
         try:
-            served = [m.id for m in self.client.models.list()]
+            served = [m.id for m in self.client.with_options(max_retries=1).models.list()]
         except openai.AuthenticationError as e:
             raise EndpointError(f"{self.base_url} refused the API key: set ${self.api_key_env} ({e})") from None
         except openai.APIConnectionError as e:
@@ -364,26 +365,44 @@ class OpenAIBackend:
 
         body = self._body(settings, tools, seed)
         t0 = time.perf_counter()
-        error = ""
-        for attempt in range(self.max_retries + 1):
-            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+        retries = 0
+        while True:
+            left = self.max_retries - retries
+            client = self._clients.get(left) or self._clients.setdefault(left, self.client.with_options(max_retries=left))
             try:
-                response = self.client.chat.completions.create(model=self.model_id, messages=conversation, **body)
-                reply = _reply_from(response, settings.stop)
-                reply.latency_s, reply.retries = time.perf_counter() - t0, attempt
+                raw = client.chat.completions.with_raw_response.create(model=self.model_id, messages=conversation, **body)
+                retries += raw.retries_taken
+                reply = _reply_from(raw.parse(), settings.stop)
+                reply.latency_s, reply.retries = time.perf_counter() - t0, retries
                 return reply
             except openai.APIStatusError as e:
                 error = f"HTTP {e.status_code}: {_detail(e)}"
-                if e.status_code not in self.RETRYABLE_STATUS:
-                    return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=attempt, error=error)
-                delay = max(delay, _retry_after(e))
-            except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:  # ValueError: bad JSON, no choice
+                if not _client_retries(e):
+                    return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=retries, error=error)
+                retries = self.max_retries  # the client spent what was left of the budget
+                break
+            except openai.APIConnectionError as e:  # timeouts too: retried by the client until the budget ran out
                 error = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                log.info("request failed (%s); retry %d in %.1fs", error, attempt + 1, delay)
+                retries = self.max_retries
+                break
+            except (openai.APIResponseValidationError, ValueError) as e:  # malformed or empty: ours to retry
+                error = f"{type(e).__name__}: {e}"
+                if retries >= self.max_retries:
+                    break
+                delay = min(self.max_backoff, self.backoff * 2**retries) * (0.75 + random.random() / 4)
+                log.info("malformed answer (%s); retry %d in %.1fs", error, retries + 1, delay)
                 time.sleep(delay)
-        error = f"gave up after {self.max_retries + 1} attempts; last: {error}"
-        return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=self.max_retries, error=error)
+                retries += 1
+        error = f"gave up after {retries + 1} attempts; last: {error}"
+        return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=retries, error=error)
+
+
+def _client_retries(e: Any) -> bool:
+    """Whether the openai client retries an HTTP error (it does for 408, 409, 429 and 5xx, unless told not to)."""
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    if headers.get("x-should-retry") in ("true", "false"):
+        return headers.get("x-should-retry") == "true"
+    return e.status_code in (408, 409, 429) or e.status_code >= 500
 
 
 class MalformedReply(ValueError):
@@ -421,14 +440,6 @@ def _detail(e: Any) -> str:
     if isinstance(body, dict):
         body = body.get("detail") or body.get("message") or body.get("error") or body
     return str(body or e.message)[:300]
-
-
-def _retry_after(e: Any) -> float:
-    """Seconds the server asked us to wait (Retry-After), 0 if it did not say."""
-    try:
-        return min(60.0, float(e.response.headers.get("retry-after", 0)))
-    except (AttributeError, TypeError, ValueError):
-        return 0.0
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:

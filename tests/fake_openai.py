@@ -3,7 +3,9 @@
 It answers `/v1/chat/completions` from a `ScriptedBackend` (deterministic replies), and
 `fault(n, body)` decides for request number n what goes wrong instead: "500", "429",
 "hang" (no answer until after the client's timeout), "close" (drop the connection),
-"malformed" (invalid JSON), "empty" (no choices), or None for a normal answer.
+"malformed" (invalid JSON), "empty" (no choices), a dict {"status": 429, "headers": {...}}
+(that answer, e.g. with a `Retry-After`), or None for a normal answer. `times` holds when each
+request arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class FakeOpenAI:
         self.backend, self.fault, self.model = backend, fault or (lambda n, body: None), model
         self.hang_s, self.delay_s = hang_s, delay_s
         self.requests = 0
+        self.times: list[float] = []
         self.lock = threading.Lock()
         server = self
 
@@ -51,10 +54,13 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests += 1
+                    server.times.append(time.monotonic())
                     n = server.requests
                 if body.get("model") != server.model:
                     return self._send(404, json.dumps({"error": {"message": f"model {body.get('model')} not found"}}).encode())
                 fault = server.fault(n, body)
+                if isinstance(fault, dict):
+                    return self._send(fault["status"], b'{"error": {"message": "not now"}}', fault.get("headers"))
                 if fault == "500":
                     return self._send(500, b'{"error": {"message": "internal error"}}')
                 if fault == "429":

@@ -11,6 +11,7 @@ from the facts); `answer_accuracy` counts right final answers however they were 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -35,14 +36,17 @@ def evaluate(
     chunk_size: int = 64,
     progress: bool = True,
     overwrite: bool = True,
+    skip_damaged: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `backend` on every problem `samples` times (greedy by default); resumable.
 
     Results of `label` made with other settings or another model (a retrained adapter) are
     moved to a backup file and the model is evaluated again (`overwrite=False` refuses instead).
+    A damaged line of the results file stops with its file and line (`skip_damaged`: kept
+    in `<file>.damaged`, its chain run again).
     """
     return generate(backend, problems, path, k=samples, config=config or AgentConfig(), source=label,
-                    chunk_size=chunk_size, progress=progress, overwrite=overwrite)  # fmt: skip
+                    chunk_size=chunk_size, progress=progress, overwrite=overwrite, skip_damaged=skip_damaged)  # fmt: skip
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -228,8 +232,38 @@ def significance_sentence(task: str, p: Mapping[str, Any]) -> str:
     return core
 
 
-def write_report(run_folder: str | Path, m: Mapping[str, Any], params: Mapping[str, Any], figures: Sequence[str] = ()) -> Path:
-    """`report.md` of a run: headline table, paired comparison, figures, parameters; readable on its own."""
+def run_failures(run_folder: str | Path, left_out_here: int = 0) -> dict[str, int]:
+    """What failed or was left out along a run, from what its notebooks wrote ({what: count}, zeros included).
+
+    Failed teacher chains and step requests (`chains/summary.json`), ledger lines kept aside
+    as cut or damaged (`<file>.cut`, `<file>.damaged`), and damaged lines left out when
+    reading, by notebook 03 (`pairs/stats.json`) and by the caller (`left_out_here`).
+    """
+    from fclib.generate import set_aside_counts
+
+    run_folder = Path(run_folder)
+    summary_path = run_folder / "chains" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    failed_chains = sum(counts.get("error", 0) for source, by_task in summary.get("outcomes", {}).items()
+                        if source != "reference" for counts in by_task.values())  # fmt: skip
+    stats_path = run_folder / "pairs" / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    out = {"teacher chains that failed (request errors, retried on the next run)": failed_chains,
+           "teacher step requests that failed (asked again on the next run)": summary.get("step_replies_failed", 0),
+           "chain-file lines left out by notebook 03 (skip_damaged_lines)": stats.get("ledger_lines_left_out", 0),
+           "result-file lines left out by notebook 05 (skip_damaged_lines)": left_out_here}  # fmt: skip
+    out.update({f"lines kept aside in {name}": n for name, n in set_aside_counts(run_folder).items()})
+    return out
+
+
+def write_report(
+    run_folder: str | Path,
+    m: Mapping[str, Any],
+    params: Mapping[str, Any],
+    figures: Sequence[str] = (),
+    failures: Mapping[str, int] | None = None,
+) -> Path:
+    """`report.md` of a run: headline table, paired comparison, what failed, figures, parameters; readable on its own."""
     import yaml
 
     run_folder = Path(run_folder)
@@ -252,6 +286,11 @@ def write_report(run_folder: str | Path, m: Mapping[str, Any], params: Mapping[s
     for label, tasks in m["models"].items():
         for task, x in tasks.items():
             lines.append(f"| {label} | {task} | " + " | ".join(str(x["outcomes"][o]) for o in OUTCOMES) + " |")
+    if failures is not None:
+        lines += ["", "## What failed or was left out", ""]
+        counted = {what: n for what, n in failures.items() if n}
+        lines += [f"- {what}: {n}" for what, n in counted.items()] or [
+            "Nothing: every request was answered and every ledger line was read."]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).as_posix()})" for f in figures]
     lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump(dict(params), sort_keys=False).strip(), "```", ""]

@@ -6,7 +6,8 @@ Every chain is appended to the JSONL file the moment it ends, so a run killed at
 loses only the chains in flight. Started again with the same parameters, it skips every
 finished chain, retries the ones that ended in `error` (a failed request, not a wrong
 answer), and sets a cut last line aside in `<file>.cut` (whatever byte it was cut at); any
-other unreadable line stops the run with its file and line number. Chains are keyed by
+other unreadable line stops the run with its file and line number, or with `skip_damaged`
+is set aside in `<file>.damaged` and its chain redone. Chains are keyed by
 (source, problem, sample); the file never holds two records of one key.
 
 Several sources may share a file: a teacher endpoint, the task's reference chains
@@ -35,7 +36,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.llm import ChatBackend
 from fclib.problems import Problem
-from fclib.runs import jsonl_line, progress_bar
+from fclib.runs import BadLine, check_fields, check_messages, fault_of, jsonl_line, progress_bar, read_record
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str, int]
@@ -49,11 +50,13 @@ def open_teacher(
     concurrency: int = 8,
     api_key_env: str = "OPENAI_API_KEY",
     log_dir: str | Path | None = None,
+    request_timeout: float = 60.0,
 ) -> Iterator[ChatBackend]:
     """The teacher as a chat backend, for the life of a `with` block.
 
     - `url` given: the OpenAI-compatible endpoint at `url`, serving `model`; the key comes from
-      $`api_key_env`; checked at once (reachable, model served).
+      $`api_key_env`; checked at once (reachable, model served); a request that takes longer
+      than `request_timeout` seconds is retried by the openai client.
     - else `backend="server"`: `transformers serve` with the local `model` on 127.0.0.1,
       stopped when the block ends.
     - else `backend="inprocess"`: the local `model` in this process, `concurrency`
@@ -63,12 +66,12 @@ def open_teacher(
     from fclib.serve import LocalServer
 
     if url:
-        client = OpenAIBackend(url, model, concurrency=concurrency, api_key_env=api_key_env)
+        client = OpenAIBackend(url, model, concurrency=concurrency, api_key_env=api_key_env, timeout=request_timeout)
         client.check()
         yield client
     elif backend == "server":
         with LocalServer(model, log_path=Path(log_dir) / "server.log" if log_dir else None) as server:
-            client = server.backend(concurrency=concurrency)
+            client = server.backend(concurrency=concurrency, timeout=request_timeout)
             client.check()
             yield client
     elif backend == "inprocess":
@@ -81,42 +84,65 @@ def key_of(record: Mapping[str, Any]) -> Key:
     return (record["source"], record["problem_id"], int(record["sample"]))
 
 
-def read_chains(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The chain records of a file (the last one of each key) and whether its last line was cut (0 or 1).
+def read_chains(path: str | Path, skip_damaged: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """The records of a chain or step file (the last one of each key) and how many lines were left out.
 
     A last line cut short by a killed writer (no newline at its end, whatever byte it was cut
-    at) is left out. Any other unreadable line raises `DamagedLedger`, naming the file and line:
-    a record is never dropped silently.
+    at) is left out and counted. Any other unreadable line (bad UTF-8, bad JSON, a field
+    missing or of the wrong type) raises `DamagedLedger` naming the file, the line and what is
+    wrong: a record is never dropped silently. With `skip_damaged`, such lines are left out
+    instead, each named in a warning, and counted with the cut line.
     """
-    records, _, cut = _read(path)
-    return records, int(cut is not None)
+    records, _, cut, damaged = _read(path, skip_damaged)
+    return records, int(cut is not None) + len(damaged)
 
 
-class DamagedLedger(ValueError):
+class DamagedLedger(BadLine):
     """A chain or step file holds an unreadable line that is not a cut last line."""
 
 
-def _read(path: str | Path) -> tuple[list[dict[str, Any]], int, bytes | None]:
-    """(last record of each key, readable lines, the cut last line if any) of a chain file."""
+# the fields every chain (or step) record must have, and their types
+_FIELDS = {"source": str, "problem_id": str, "task": str, "sample": int}
+_CHAIN_FIELDS = {**_FIELDS, "messages": list, "outcome": str, "n_prompt": int, "calls": list}
+_STEP_FIELDS = {**_FIELDS, "verdict": str, "text": str, "turn": int, "step": int}
+
+
+def check_record(record: Any) -> dict[str, Any]:
+    """`record` once checked to be a chain or step record of this project; ValueError naming what is wrong otherwise."""
+    check_fields(record, _STEP_FIELDS if isinstance(record, dict) and "verdict" in record else _CHAIN_FIELDS)
+    if record["sample"] < 0:
+        raise ValueError(f"field 'sample' must be >= 0, not {record['sample']}")
+    check_messages(record.get("messages", []), "chain")
+    return record
+
+
+def _read(
+    path: str | Path, skip_damaged: bool = False
+) -> tuple[list[dict[str, Any]], int, bytes | None, list[bytes]]:
+    """(last record of each key, readable lines, the cut last line if any, damaged lines skipped) of a chain file."""
     path = Path(path)
     if not path.is_file():
-        return [], 0, None
+        return [], 0, None, []
     records: dict[Key, dict[str, Any]] = {}
-    readable = 0
+    readable, damaged = 0, []
     lines = path.read_bytes().split(b"\n")
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
-            records[key_of(record)] = record
-            readable += 1
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            record = read_record(raw, check_record)
+        except (RecursionError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if n == len(lines):  # the last line, with no newline after it: a writer killed mid-line
-                return list(records.values()), readable, raw
-            raise DamagedLedger(f"{path}, line {n}: unreadable record ({type(e).__name__}: {str(e)[:80]}); "
-                                "repair or remove that line (a cut last line is handled by itself)") from None  # fmt: skip
-    return list(records.values()), readable, None
+                return list(records.values()), readable, raw, damaged
+            what = f"{path}, line {n}: unreadable record: {fault_of(e)}"
+            if not skip_damaged:
+                raise DamagedLedger(f"{what}; repair or remove that line (a cut last line is handled by itself)") from None
+            log.warning("%s; left out (skip_damaged)", what)
+            damaged.append(raw)
+            continue
+        records[key_of(record)] = record
+        readable += 1
+    return list(records.values()), readable, None, damaged
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -128,13 +154,26 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def _set_aside(path: Path, cut: bytes) -> None:
-    """Keep a cut last line for inspection in `<file>.cut` before the file is rewritten without it."""
-    side = path.with_name(path.name + ".cut")
+SIDE_FILES = (".cut", ".damaged")  # where lines a ledger could not use are kept: `<file>.cut`, `<file>.damaged`
+
+
+def _set_aside(path: Path, lines: Sequence[bytes], suffix: str) -> None:
+    """Keep unusable lines for inspection in `<file><suffix>` before the file is rewritten without them."""
+    if not lines:
+        return
+    side = path.with_name(path.name + suffix)
     with open(side, "ab") as f:
-        f.write(cut + b"\n")
-    log.warning("%s: the last line was cut short (a run was interrupted mid-write); kept in %s, its chain is redone",
-                path, side)  # fmt: skip
+        f.writelines(raw + b"\n" for raw in lines)
+    why = ("the last line was cut short (a run was interrupted mid-write)" if suffix == ".cut"
+           else f"{len(lines)} damaged line{'s' * (len(lines) > 1)}")  # fmt: skip
+    log.warning("%s: %s; kept in %s, their chains are redone", path, why, side)
+
+
+def set_aside_counts(folder: str | Path) -> dict[str, int]:
+    """{side file name: lines} of every ledger side file under `folder` (cut or damaged lines kept for inspection)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): len(f.read_bytes().splitlines())
+            for suffix in SIDE_FILES for f in sorted(folder.rglob(f"*.jsonl{suffix}"))}  # fmt: skip
 
 
 def _write_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
@@ -174,10 +213,13 @@ def generate(
     chunk_size: int = 64,
     overwrite: bool = False,
     progress: bool = True,
+    skip_damaged: bool = False,
 ) -> list[dict[str, Any]]:
     """Solve each problem k times with `backend`, appending each chain to `path` as it ends.
 
-    Resumes from what `path` already holds (see the module docstring). Returns the records
+    Resumes from what `path` already holds (see the module docstring); with `skip_damaged`, a
+    damaged line inside the file is kept in `<file>.damaged` and its chain redone, instead of
+    stopping with `DamagedLedger`. Returns the records
     of this source for these problems and samples 0..k-1, in problem then sample order.
     `chunk_size` chains advance together: one batched call per step on a local backend,
     up to the backend's concurrency in flight on an endpoint.
@@ -194,11 +236,11 @@ def generate(
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path, source, fingerprint(backend, config), overwrite)
 
-    records, readable, cut = _read(path)
+    records, readable, cut, damaged = _read(path, skip_damaged)
     kept = [r for r in records if not (r["source"] == source and r["outcome"] == "error")]
-    if cut is not None:
-        _set_aside(path, cut)
-    if cut is not None or len(kept) != readable or not _ends_with_newline(path):
+    _set_aside(path, [cut] if cut is not None else [], ".cut")
+    _set_aside(path, damaged, ".damaged")
+    if cut is not None or damaged or len(kept) != readable or not _ends_with_newline(path):
         _write_atomic(path, kept)  # drop a cut line and duplicates; failed chains are redone
     done = {key_of(r) for r in kept}
     todo = [(p, [s for s in range(k) if (source, p.id, s) not in done]) for p in problems]
@@ -249,7 +291,7 @@ def add_records(path: str | Path, records: Sequence[Mapping[str, Any]], source: 
     return len(new)
 
 
-STEP_VERDICTS = ("same", "same_function", "other_function", "wrong_answer", "invalid_call", "parse_error")
+STEP_VERDICTS = ("same", "same_function", "other_function", "wrong_answer", "invalid_call", "parse_error", "error")
 
 
 def step_verdict(reply_text: str, reference: Mapping[str, Any], turn: int, toolset: Any) -> tuple[str, str | None, str]:
@@ -259,7 +301,8 @@ def step_verdict(reply_text: str, reference: Mapping[str, Any], turn: int, tools
     reference calls there (another lookup, say); `other_function`: a valid call of another one
     (answering before the facts are in, or looking up after they are); `wrong_answer`: the
     final function with another value than the reference's; `invalid_call`, `parse_error`: no
-    usable call. The last four are rejected turns (`fclib.pairs.REJECTED_VERDICTS`).
+    usable call. The last four are rejected turns (`fclib.pairs.REJECTED_VERDICTS`). A seventh
+    verdict, `error`, is `sample_steps`'s own: the request failed, and the next run asks again.
     """
     from fclib.pairs import same_value
     from fclib.protocol import CallSyntaxError, parse_call
@@ -293,6 +336,7 @@ def sample_steps(
     chunk_size: int = 64,
     overwrite: bool = False,
     progress: bool = True,
+    skip_damaged: bool = False,
 ) -> list[dict[str, Any]]:
     """At every assistant turn of each reference chain, `samples` teacher replies, labelled.
 
@@ -300,13 +344,16 @@ def sample_steps(
     the agent's sampling settings and a seed per (problem, turn, sample). Each record holds
     the reply, its verdict (`step_verdict`) and where it belongs: `turn` (index of the
     reference's message it stands for), `reference_sample`. Records are appended to `path` as
-    each chunk of `chunk_size` replies ends; a rerun skips what is there and redoes failed
-    requests; other settings refuse, as `generate` does. Returns this source's records for
-    these references, in reference then turn order.
+    each chunk of `chunk_size` replies ends. A failed request is stored too, with verdict
+    `error` and the error, counted on the progress bar and in a warning; a rerun skips what is
+    there and asks again for the failed ones; other settings refuse and damaged lines stop
+    the run (or, with `skip_damaged`, are set aside), as in `generate`.
+    Returns this source's records for these references (failed ones included), in reference
+    then turn order.
     """
     import zlib
 
-    from fclib.llm import GenerationSettings
+    from fclib.llm import GenerationSettings, Reply
     from fclib.pairs import REJECTED_VERDICTS
     from fclib.tasks import TASKS
 
@@ -320,11 +367,13 @@ def sample_steps(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path, source, {**fingerprint(backend, config), "samples": samples}, overwrite)
-    records, readable, cut = _read(path)
-    if cut is not None:
-        _set_aside(path, cut)
-    if cut is not None or len(records) != readable or not _ends_with_newline(path):
-        _write_atomic(path, records)
+    records, readable, cut, damaged = _read(path, skip_damaged)
+    kept = [r for r in records if not (r["source"] == source and r["verdict"] == "error")]
+    _set_aside(path, [cut] if cut is not None else [], ".cut")
+    _set_aside(path, damaged, ".damaged")
+    if cut is not None or damaged or len(kept) != readable or not _ends_with_newline(path):
+        _write_atomic(path, kept)  # drop a cut line and duplicates; failed requests are asked again
+    records = kept
     done = {key_of(r) for r in records}
     jobs = []  # (reference, turn, step, sample index in the file)
     for ref in references:
@@ -334,7 +383,7 @@ def sample_steps(
                 jobs.append((ref, turn, step, step * samples + s))
     wanted = {(source, ref["problem_id"], k): n for n, (ref, _, _, k) in enumerate(jobs)}
     todo = [j for j in jobs if (source, j[0]["problem_id"], j[3]) not in done]
-    counts = {"rejected": 0}
+    counts = {"rejected": 0, "failed": 0}
     new: list[dict[str, Any]] = []
     bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc=f"steps ({source})", unit="reply",
                        disable=not progress)
@@ -349,25 +398,32 @@ def sample_steps(
             )  # fmt: skip
             try:
                 replies = backend.chat([[dict(m) for m in ref["messages"][:turn]] for ref, turn, _, _ in chunk], settings)
-            except Exception:  # the backend is outside our control: the chunk is redone on the next run
-                log.exception("step sampling: a backend call failed; %d replies left for the next run", len(chunk))
-                continue
+            except Exception as e:  # the backend is outside our control: every reply of the chunk failed
+                log.exception("step sampling: a backend call failed for %d replies", len(chunk))
+                replies = [Reply("", 0, 0, "error", error=f"{type(e).__name__}: {e}"[:500]) for _ in chunk]
             for (ref, turn, step, k), reply in zip(chunk, replies):
+                base = {"source": source, "problem_id": ref["problem_id"], "task": ref["task"], "sample": k,
+                        "reference_source": ref["source"], "reference_sample": ref["sample"], "turn": turn, "step": step,
+                        "model": backend.model_id}  # fmt: skip
+                usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
                 if reply.error is not None:
-                    continue
-                problem = by_id[ref["problem_id"]]
-                verdict, name, error = step_verdict(reply.text, ref, turn, TASKS[ref["task"]].toolset(problem))
-                new.append({"source": source, "problem_id": ref["problem_id"], "task": ref["task"], "sample": k,
-                            "reference_source": ref["source"], "reference_sample": ref["sample"], "turn": turn, "step": step,
-                            "model": backend.model_id, "text": reply.text, "verdict": verdict, "function": name, "error": error,
-                            "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}})  # fmt: skip
+                    new.append({**base, "text": reply.text, "verdict": "error", "function": None, "error": reply.error,
+                                "usage": usage, "retries": reply.retries})  # fmt: skip
+                    counts["failed"] += 1
+                else:
+                    problem = by_id[ref["problem_id"]]
+                    verdict, name, error = step_verdict(reply.text, ref, turn, TASKS[ref["task"]].toolset(problem))
+                    new.append({**base, "text": reply.text, "verdict": verdict, "function": name, "error": error, "usage": usage})
+                    counts["rejected"] += verdict in REJECTED_VERDICTS
                 out.write(jsonl_line(new[-1]))
-                counts["rejected"] += verdict in REJECTED_VERDICTS
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(chunk))
             bar.set_postfix(counts, refresh=False)
     bar.close()
+    if counts["failed"]:
+        log.warning("step sampling: %d of %d requests failed (verdict 'error' in %s); they are asked again on the next run",
+                    counts["failed"], len(todo), path)  # fmt: skip
     return sorted((r for r in records + new if key_of(r) in wanted), key=lambda r: wanted[key_of(r)])
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fclib.runs import jsonl_line
+from fclib.runs import check_fields, check_messages, jsonl_line, read_jsonl
 
 STRATEGIES = ("all", "random", "first_divergence")
 REFERENCE = "reference"
@@ -370,11 +370,35 @@ def _utf8(value: Any) -> Any:
     return value
 
 
-def load_pairs(folder: str | Path) -> Any:
-    """The saved DatasetDict, ready for DPOTrainer (train and, when any, validation)."""
-    from datasets import load_from_disk
+def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """The pair rows of a `train.jsonl` or `validation.jsonl`; a bad line raises naming file, line and fault."""
+    return read_jsonl(path, _check_pair)
 
-    path = Path(folder) / "dataset"
-    if not path.is_dir():
-        raise FileNotFoundError(f"no preference dataset at {path}: run notebook 03 first")
-    return load_from_disk(str(path))
+
+def _check_pair(row: Any) -> dict[str, Any]:
+    """`row` once checked to be a pair; ValueError naming what is wrong otherwise."""
+    check_fields(row, {"problem_id": str, "prompt": list, "chosen": list, "rejected": list}, "a pair")
+    for name in ("prompt", "chosen", "rejected"):
+        if not row[name]:
+            raise ValueError(f"field {name!r} must be a non-empty list of messages")
+        check_messages(row[name], name)
+    return row
+
+
+def load_pairs(folder: str | Path) -> Any:
+    """The pairs of `folder` as a DatasetDict ready for DPOTrainer (train and, when any, validation).
+
+    Read from `train.jsonl` and `validation.jsonl` (the exact text, checked line by line; an
+    edit there is what trains), with text UTF-8 cannot encode replaced as in `save_pairs`.
+    """
+    from datasets import Dataset, DatasetDict
+
+    folder = Path(folder)
+    if not (folder / "train.jsonl").is_file():
+        raise FileNotFoundError(f"no preference pairs at {folder / 'train.jsonl'}: run notebook 03 first")
+    splits = {}
+    for name in ("train", "validation"):
+        rows = read_pairs(folder / f"{name}.jsonl") if (folder / f"{name}.jsonl").is_file() else []
+        if rows:
+            splits[name] = Dataset.from_list([_utf8(row) for row in rows])
+    return DatasetDict(splits)  # without "train" when notebook 03 kept no pair: training says so

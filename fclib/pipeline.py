@@ -32,29 +32,40 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
 KERNEL = "fclib"  # the Jupyter kernel scripts/setup.sh installs (.venv's Python)
 NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
+NEWLINE = b"\n"
 log = logging.getLogger(__name__)
 
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parameters of a profile (profiles/NAME.yaml) with overrides applied; unknown names refused."""
+    """Parameters of a profile (profiles/NAME.yaml) with overrides applied.
+
+    Every value is checked against the type of that parameter's default in the notebooks'
+    `parameters` cells (the one place parameters are declared): a bad profile line is named
+    with its file and line, a bad override with the parameter and what it accepts.
+    """
     path = PROFILES / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
         raise SystemExit(f"no profile {name!r}; the profiles are: {known}")
-    params = yaml.safe_load(path.read_text()) or {}
+    params, lines = _read_profile(path)
+    declared = notebook_parameters()
+    wrong = [f"{path}, line {lines[k]}: unknown parameter {k!r}{_did_you_mean(k, declared)}" for k in params if k not in declared]
+    wrong += [f"{path}, line {lines[k]}: {fault}" for k, v in params.items() if k in declared
+              for fault in [_type_fault(k, v, declared[k])] if fault]  # fmt: skip
+    missing = [k for k in declared if k not in params]
+    if missing:
+        wrong.append(f"{path}: parameters missing: {', '.join(missing)} (a profile sets every parameter)")
+    if wrong:
+        raise SystemExit("bad profile:\n- " + "\n- ".join(wrong))
     for key, value in (overrides or {}).items():
         if key not in params:
-            raise SystemExit(f"unknown parameter {key!r}; profile {name} has: {', '.join(params)}")
+            raise SystemExit(f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}")
         if key == "teacher_api_key_env" and not _is_variable_name(value):
             raise SystemExit("teacher_api_key_env takes the NAME of an environment variable that holds the key "
                              "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown")  # fmt: skip
-        if value is None and params[key] is not None:
-            raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got null")
-        if params[key] is not None and value is not None and type(value) is not type(params[key]):
-            widening = isinstance(params[key], float) and isinstance(value, int)
-            sizes = key == "nmax" and isinstance(value, (int, list))  # one size or several
-            if not (widening or sizes):
-                raise SystemExit(f"parameter {key} must be {type(params[key]).__name__}, got {value!r}")
+        fault = _type_fault(key, value, declared[key])
+        if fault:
+            raise SystemExit(fault)
         params[key] = value
     try:
         run_dir(params["run_name"], create=False)
@@ -64,6 +75,67 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
     if problems:
         raise SystemExit("impossible parameters:\n- " + "\n- ".join(problems))
     return params
+
+
+def _read_profile(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """(parameters, line of each) of a profile file; a YAML fault or a repeated key is named with its line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        node = yaml.compose(text)
+        params = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}, line {raw[: e.start].count(NEWLINE) + 1}: not valid UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise SystemExit(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(params, dict) or not isinstance(node, yaml.MappingNode):
+        raise SystemExit(f"{path}: a profile is a mapping of parameter: value, one a line")
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        if key.value in lines:
+            raise SystemExit(f"{path}, line {key.start_mark.line + 1}: parameter {key.value!r} is set twice "
+                             f"(first on line {lines[key.value]})")  # fmt: skip
+        lines[key.value] = key.start_mark.line + 1
+    return params, lines
+
+
+def notebook_parameters() -> dict[str, Any]:
+    """{parameter: default} of every notebook's `parameters` cell (the defaults are the cpu profile's)."""
+    import ast
+
+    declared: dict[str, Any] = {}
+    for nb in notebooks():
+        cell = next(c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        for node in ast.parse("".join(cell["source"])).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                declared[node.targets[0].id] = ast.literal_eval(node.value)
+    return declared
+
+
+def _type_fault(key: str, value: Any, default: Any) -> str | None:
+    """Why `value` cannot be parameter `key` (whose default is `default`), or None when it can."""
+    kind = "a number" if isinstance(default, float) else type(default).__name__
+    if key == "nmax":
+        kind = "int or a list of ints"
+    if value is None:
+        return None if default is None else f"parameter {key} must be {kind}, got null"
+    if default is None or type(value) is type(default):
+        return None
+    if isinstance(default, float) and type(value) is int:  # 1 where 1.0 is meant
+        return None
+    if key == "nmax" and isinstance(value, list):
+        return None
+    return f"parameter {key} must be {kind}, got {str(value)[:60]!r}" if isinstance(value, str) else \
+        f"parameter {key} must be {kind}, got {value!r}"  # fmt: skip
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _is_variable_name(value: Any) -> bool:
@@ -93,6 +165,7 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
     need(p["k"] >= 2, f"k={p['k']}: preference pairs need at least 2 chains per problem (k >= 2)")
     need(p["temperature"] >= 0 and p["eval_temperature"] >= 0, "temperatures must be >= 0")
     need(p["concurrency"] >= 1 and p["max_steps"] >= 1, "concurrency and max_steps must be >= 1")
+    need(p["request_timeout"] > 0, f"request_timeout must be > 0 seconds, got {p['request_timeout']!r}")
     need(p["step_samples"] >= 0, "step_samples must be >= 0")
     need(not p["step_samples"] or p["reference_chains"], "step_samples > 0 samples along the reference chains: set reference_chains=true")
     need(p["teacher_backend"] in ("inprocess", "server"), f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}")
@@ -276,7 +349,10 @@ def main(argv: list[str] | None = None) -> None:
         if "=" not in item:
             raise SystemExit(f"-p expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)  # typed like YAML: 3, 0.5, true, text
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)  # typed like YAML: 3, 0.5, true, [10, 20], text
+        except yaml.YAMLError:
+            overrides[key.strip()] = value  # not YAML (an unclosed bracket, say): the text itself, checked as any value
     if args.run_name:
         overrides["run_name"] = args.run_name
     params = load_profile(args.profile, overrides)

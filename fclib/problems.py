@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from fclib.runs import jsonl_line
-
-REQUIRED = ("id", "task", "question", "answer")
-
+from fclib.runs import check_fields, jsonl_line, read_jsonl
 
 @dataclass(frozen=True)
 class Problem:
@@ -26,13 +22,14 @@ class Problem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Problem":
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"problem record lacks {', '.join(missing)}")
+    def from_dict(cls, record: Any) -> "Problem":
+        """A Problem from its record; ValueError naming the field when a field is missing or of the wrong type."""
+        check_fields(record, {"id": str, "task": str, "question": str}, "a problem")
+        if "answer" not in record:
+            raise ValueError("field 'answer' is missing")
         if not isinstance(record.get("meta", {}), dict):
-            raise ValueError("problem meta must be an object")
-        return cls(str(record["id"]), str(record["task"]), str(record["question"]), record["answer"], dict(record.get("meta", {})))
+            raise ValueError("field 'meta' must be an object")
+        return cls(record["id"], record["task"], record["question"], record["answer"], dict(record.get("meta", {})))
 
 
 def write_problems(path: str | Path, problems: Iterable[Problem]) -> Path:
@@ -48,17 +45,8 @@ def write_problems(path: str | Path, problems: Iterable[Problem]) -> Path:
 
 
 def read_problems(path: str | Path) -> list[Problem]:
-    """Read problems written by `write_problems`; a bad line raises naming file and line."""
+    """Read problems written by `write_problems`; a bad line (UTF-8, JSON, fields) raises naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no problem file at {path}")
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Problem.from_dict(json.loads(line)))
-            except (ValueError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}, line {n}: {e}") from None
-    return out
+    return read_jsonl(path, Problem.from_dict)

@@ -1,5 +1,5 @@
 """Where a run writes (`outputs/<run_name>/`, found from the project, never from the working directory),
-how it writes a record, and how it shows progress."""
+how it writes and reads a record, and how it shows progress."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEXT_PROGRESS_ENV = "FCLIB_TEXT_PROGRESS"  # set by the pipeline: notebooks run headless show text bars
@@ -51,3 +51,58 @@ def jsonl_line(record: Any, **kwargs: Any) -> str:
     except UnicodeEncodeError:
         line = json.dumps(record, ensure_ascii=True, **kwargs)
     return line + "\n"
+
+
+class BadLine(ValueError):
+    """A line of a JSONL file that cannot be used; the message names the file, the line and what is wrong."""
+
+
+def read_record(raw: bytes, convert: Callable[[Any], Any] | None = None) -> Any:
+    """The record of one JSONL line: UTF-8, JSON, then `convert` (which checks it, raising ValueError naming a bad field)."""
+    record = json.loads(raw.decode("utf-8"))
+    return convert(record) if convert is not None else record
+
+
+def check_fields(record: Any, fields: dict[str, type], what: str = "a record") -> dict[str, Any]:
+    """`record` when it is a JSON object holding each of `fields` with its type; else ValueError naming the field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{what} is a JSON object, not {type(record).__name__}")
+    for name, kind in fields.items():
+        if name not in record:
+            raise ValueError(f"field {name!r} is missing")
+        value = record[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ValueError(f"field {name!r} must be {kind.__name__}, not {type(value).__name__} ({str(value)[:40]!r})")
+    return record
+
+
+def check_messages(messages: list[Any], where: str) -> None:
+    """ValueError unless every message is an object with string `role` and `content`."""
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where} message {i} must be an object with string role and content")
+
+
+def fault_of(e: BaseException) -> str:
+    """What is wrong with a line, in words, from the error `read_record` raised."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {e.start + 1} of the line)"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg}, column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)[:200]
+
+
+def read_jsonl(path: str | Path, convert: Callable[[Any], Any] | None = None) -> list[Any]:
+    """Every record of a JSONL file, each through `convert`; `BadLine` names the file and line of the first bad one."""
+    path = Path(path)
+    records = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(read_record(raw, convert))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise BadLine(f"{path}, line {n}: {fault_of(e)}") from None
+    return records

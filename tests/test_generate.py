@@ -114,6 +114,41 @@ def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp
     assert bad == 0 and len(on_disk) == len(path.read_text().splitlines()) == 2 * len(problems)
 
 
+@pytest.mark.parametrize("header, value, at_least", [
+    ("Retry-After", "1", 0.95),  # seconds
+    ("retry-after-ms", "1200", 1.15),  # milliseconds
+    ("Retry-After", "date", 1.0),  # an HTTP date, whole seconds: 2 to 3 s ahead
+])
+def test_retry_after_is_honoured_in_seconds_milliseconds_or_a_date(problems, header, value, at_least):
+    """Without the header the client waits 0.5 s at most before its first retry; with it, what the server asked."""
+    from email.utils import formatdate
+
+    def fault(n, body):
+        if n > 1:
+            return None
+        said = formatdate(time.time() + 3, usegmt=True) if value == "date" else value
+        return {"status": 429, "headers": {header: said}}
+
+    with teacher(problems, fault=fault) as server:
+        reply = backend(server, concurrency=1).chat([[{"role": "user", "content": problems[0].question}]], GenerationSettings())[0]
+        assert reply.error is None and reply.retries == 1 and server.requests == 2
+        waited = server.times[1] - server.times[0]
+    assert waited >= at_least, f"retried after {waited:.2f} s"
+    assert waited < at_least + 3
+
+
+def test_request_timeout_reaches_the_client(problems):
+    """The timeout was a fixed 60 s that no parameter reached; now `request_timeout` is the client's timeout."""
+    from fclib.generate import open_teacher
+
+    with teacher(problems, fault=lambda n, body: "hang" if n == 1 else None, hang_s=1.0) as server:
+        with open_teacher("fake-teacher", server.base_url, request_timeout=0.3) as b:
+            assert b.client.timeout == 0.3
+            t0 = time.monotonic()
+            reply = b.chat([[{"role": "user", "content": problems[0].question}]], GenerationSettings())[0]
+        assert reply.error is None and reply.retries == 1 and time.monotonic() - t0 < 1.0 + 0.6
+
+
 def test_truncated_last_line_and_changed_settings(problems, tmp_path):
     path = tmp_path / "chains.jsonl"
     with teacher(problems) as server:
@@ -229,9 +264,46 @@ def test_a_failed_step_request_is_asked_again(queue_backend, tmp_path):
     failed = Reply("", 0, 0, "error", error="HTTP 503")
     path = tmp_path / "steps.jsonl"
     first = sample_steps(queue_backend(["look()", failed, "look()"]), [p], path, [ref], progress=False)
-    assert [s["step"] for s in first] == [0, 2]
+    assert [(s["step"], s["verdict"]) for s in first] == [(0, "invalid_call"), (1, "error"), (2, "invalid_call")]
+    assert first[1]["error"] == "HTTP 503"
     second = sample_steps(queue_backend(["exists(values=[True])"]), [p], path, [ref], progress=False)
     assert [(s["step"], s["verdict"]) for s in second] == [(0, "invalid_call"), (1, "same_function"), (2, "invalid_call")]
+    assert len(path.read_text().splitlines()) == 3  # the failed record was replaced, not kept beside the new one
+
+
+def test_an_endpoint_that_fails_every_request_leaves_counted_failures(problems, tmp_path, caplog):
+    """Against an endpoint failing every request, step sampling once returned 0 of 8 replies without a word."""
+    from fclib.generate import sample_steps
+    from tests.helpers import scripted_chain
+
+    refs = [scripted_chain(p, reference_script(p), 0, source="reference") for p in problems[:2]]
+    asked = sum(sum(m["role"] == "assistant" for m in r["messages"][r["n_prompt"]:]) for r in refs)
+    path = tmp_path / "steps.jsonl"
+    with teacher(problems, fault=lambda n, body: "500") as server, caplog.at_level("WARNING"):
+        steps = sample_steps(backend(server, max_retries=1), problems, path, refs, progress=False)
+    assert len(steps) == asked and {s["verdict"] for s in steps} == {"error"}
+    assert all("HTTP 500" in s["error"] for s in steps)
+    assert f"{asked} of {asked} requests failed" in caplog.text
+    with teacher(problems) as server:
+        steps = sample_steps(backend(server), problems, path, refs, progress=False)
+        assert server.requests == asked  # every failed request was asked again, nothing else
+    assert "error" not in {s["verdict"] for s in steps} and len(path.read_text().splitlines()) == asked
+
+
+def test_a_backend_that_raises_fails_the_chunk_counted(queue_backend, tmp_path):
+    from fclib.generate import sample_steps
+    from tests.helpers import scripted_chain
+
+    class Broken:
+        model_id = "broken"
+
+        def chat(self, conversations, settings, tools=None):
+            raise ConnectionError("the backend fell over")
+
+    p = fol.generate(1, seed=0, nmax=4)[0]
+    ref = scripted_chain(p, reference_script(p), 0, source="reference")
+    steps = sample_steps(Broken(), [p], tmp_path / "steps.jsonl", [ref], progress=False)
+    assert [s["verdict"] for s in steps] == ["error"] * 3 and "fell over" in steps[0]["error"]
 
 
 def test_model_text_utf8_cannot_encode_is_stored_and_read_back_losslessly(tmp_path):

@@ -55,6 +55,12 @@ def test_null_values_bad_run_names_and_pasted_keys_get_one_line_messages(capsys)
             pipeline.load_profile("cpu", {"run_name": bad})
     with pytest.raises(SystemExit, match=r"run_name '\.\./x' must be"):
         pipeline.main(["--profile", "smoke", "--run-name", "../x"])
+    with pytest.raises(SystemExit, match=r"parameter k must be int, got '\[1,'"):
+        pipeline.main(["--profile", "smoke", "-p", "k=[1,"])  # not YAML: the text, refused as any bad value
+    with pytest.raises(SystemExit, match=r"parameter request_timeout must be a number, got 'soon'"):
+        pipeline.main(["--profile", "smoke", "-p", "request_timeout=soon"])
+    with pytest.raises(SystemExit, match=r"request_timeout must be > 0 seconds"):
+        pipeline.main(["--profile", "smoke", "-p", "request_timeout=0"])
     secret = "sk-proj-" + "A1b2C3d4" * 6
     for value in (secret, "sk_live_" + "x9" * 12, "hf_" + "Ab3" * 10, "my key", "1ABC", "A" * 80):
         with pytest.raises(SystemExit, match="NAME of an environment variable") as refused:

@@ -185,7 +185,7 @@ def test_problems_round_trip_and_bad_lines(tmp_path):
     path = write_problems(tmp_path / "p" / "train.jsonl", problems)
     assert read_problems(path) == problems
     path.write_text(path.read_text() + json.dumps({"id": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"train.jsonl, line 5: problem record lacks task"):
+    with pytest.raises(ValueError, match=r"train.jsonl, line 5: field .task. is missing"):
         read_problems(path)
 
 

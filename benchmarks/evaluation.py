@@ -25,22 +25,30 @@ import torch
 from common import chain_arguments, chains_per_minute
 
 from fclib.agent import AgentConfig, run_chains
-from fclib.llm import LocalBackend
+from fclib.backends.local import LocalBackend
 from fclib.problems import read_problems
 from fclib.tasks import TASKS, fol
 
 
 def main() -> None:
-    args = chain_arguments(__doc__.splitlines()[0], problems=16, flags=(("--uncached", "also run batched without the prompt cache"),),
-                           lists=(("--batch-sizes", "compare these batch sizes instead"),),
-                           paths=(("--test-set", "a run's problems/test.jsonl instead of generated FOL problems"),))  # fmt: skip
+    args = chain_arguments(
+        __doc__.splitlines()[0],
+        problems=16,
+        flags=(("--uncached", "also run batched without the prompt cache"),),
+        lists=(("--batch-sizes", "compare these batch sizes instead"),),
+        paths=(("--test-set", "a run's problems/test.jsonl instead of generated FOL problems"),),
+    )
 
     backend = LocalBackend.load(args.model)
-    problems = read_problems(args.test_set) if args.test_set else fol.generate(args.problems, seed=9, nmax=6, split="test")
+    problems = (
+        read_problems(args.test_set) if args.test_set else fol.generate(args.problems, seed=9, nmax=6, split="test")
+    )
     config = AgentConfig(max_steps=args.steps)
     run_chains(backend, TASKS, problems[:1], AgentConfig(max_steps=1), progress=False)  # warm-up
-    print(f"{len(problems)} chains of at most {args.steps} steps, greedy, model {args.model}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{len(problems)} chains of at most {args.steps} steps, greedy, model {args.model}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     arms = {}
     runs = [("one at a time", 1, True), (f"batched ({len(problems)})", len(problems), True)]
     if args.batch_sizes:
@@ -50,7 +58,9 @@ def main() -> None:
             arms[size], counts = chains_per_minute(backend, problems, config)
             print(f"batches of {size:<25} {arms[size]:7.2f} chains/min   {counts}", flush=True)
         first = args.batch_sizes[0]
-        print("ratio: " + ", ".join(f"{size}/{first} = {arms[size] / arms[first]:.2f}" for size in args.batch_sizes[1:]))
+        print(
+            "ratio: " + ", ".join(f"{size}/{first} = {arms[size] / arms[first]:.2f}" for size in args.batch_sizes[1:])
+        )
         return
     if args.uncached:
         runs.append((f"batched ({len(problems)}), no prompt cache", len(problems), False))

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from fclib.llm import GenerationSettings, LocalBackend
+from fclib.backends import GenerationSettings
+from fclib.backends.local import LocalBackend
 
 QUESTIONS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
@@ -54,8 +55,10 @@ def main() -> None:
     settings = GenerationSettings(max_tokens=args.tokens, extra={"min_new_tokens": args.tokens})
     run(backend, conversations[:2], 2, GenerationSettings(max_tokens=4))  # warm-up
 
-    print(f"model {backend.model_id}, torch threads {torch.get_num_threads()}, {args.batch} conversations, "
-          f"{args.tokens} new tokens each, best of {args.repeats}")
+    print(
+        f"model {backend.model_id}, torch threads {torch.get_num_threads()}, {args.batch} conversations, "
+        f"{args.tokens} new tokens each, best of {args.repeats}"
+    )
     results = {}
     for label, bs in (("single", 1), (f"batch {args.batch}", args.batch)):
         best = min((run(backend, conversations, bs, settings) for _ in range(args.repeats)), key=lambda r: r[0])

@@ -17,7 +17,7 @@ from fclib.protocol import MAX_SCAN_CHARS, CallSyntaxError, parse_call
 SHAPES = {
     "unclosed calls f(": "f(",
     "calls in quotes f('": "f('",
-    "escapes f(\"\\": 'f("\\',
+    'escapes f("\\': 'f("\\',
     "closed calls f()": "f()",
     "prose with a call": "so we add(a=1, b=2) and then ",
     "open parens (": "(",

@@ -17,8 +17,8 @@ import torch
 from common import chain_arguments, chains_per_minute
 
 from fclib.agent import AgentConfig
-from fclib.llm import LocalBackend
-from fclib.serve import LocalServer
+from fclib.backends.local import LocalBackend
+from fclib.backends.server import LocalServer
 from fclib.tasks import fol
 
 
@@ -27,8 +27,10 @@ def main() -> None:
 
     problems = fol.generate(args.problems, seed=7, nmax=6, split="train")
     config = AgentConfig(max_steps=args.steps)
-    print(f"{len(problems)} FOL chains of at most {args.steps} steps, greedy, model {args.model}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{len(problems)} FOL chains of at most {args.steps} steps, greedy, model {args.model}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     rates = {}
     for cb in (False, True):
         with LocalServer(args.model, continuous_batching=cb) as server:

@@ -33,7 +33,7 @@ ARMS = ("plain", "fclib", "fclib+precompute", "fclib-4bit")
 
 def make_pairs(folder: Path, problems: int = 24) -> Path:
     from fclib.agent import AgentConfig, run_chains
-    from fclib.llm import ScriptedBackend
+    from fclib.backends.scripted import ScriptedBackend
     from fclib.pairs import build_pairs, save_pairs
     from fclib.tasks import TASKS, fol, reference_script
 
@@ -41,8 +41,14 @@ def make_pairs(folder: Path, problems: int = 24) -> Path:
     for p in fol.generate(problems, seed=11, nmax=6, split="train"):
         ref = reference_script(p)
         for sample, script in enumerate((ref, [ref[0], f"answer(value={not p.answer})"])):
-            (c,) = run_chains(ScriptedBackend({p.question: script}, "teacher"), TASKS, [p], AgentConfig(), samples=[sample],
-                              progress=False)  # fmt: skip
+            (c,) = run_chains(
+                ScriptedBackend({p.question: script}, "teacher"),
+                TASKS,
+                [p],
+                AgentConfig(),
+                samples=[sample],
+                progress=False,
+            )
             records.append(c.to_dict())
     save_pairs(build_pairs(records, strategy="first_divergence", validation_share=0), folder)
     return folder
@@ -63,8 +69,17 @@ def run_arm(arm: str, pairs: str, model: str, steps: int, batch: int) -> dict:
             times.append(time.perf_counter() - self.t0)
 
     out = tempfile.mkdtemp(prefix="fclib-bench-")
-    common = dict(max_steps=steps, batch_size=batch, max_length=2048, learning_rate=2e-4, beta=0.1,
-                  loss_type=["sigmoid", "sft"], save_steps=10**6, eval_steps=10**6, seed=0)  # fmt: skip
+    common = dict(
+        max_steps=steps,
+        batch_size=batch,
+        max_length=2048,
+        learning_rate=2e-4,
+        beta=0.1,
+        loss_type=["sigmoid", "sft"],
+        save_steps=10**6,
+        eval_steps=10**6,
+        seed=0,
+    )
     if arm == "plain":
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
@@ -74,20 +89,45 @@ def run_arm(arm: str, pairs: str, model: str, steps: int, batch: int) -> dict:
 
         m, tok = load_model(model)
         cuda = torch.cuda.is_available()
-        args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-4, beta=0.1,
-                         loss_type=["sigmoid", "sft"], max_length=2048, bf16=False, use_cpu=not cuda, report_to=[],
-                         save_strategy="no", logging_steps=1, seed=0, data_seed=0)  # fmt: skip
+        args = DPOConfig(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            learning_rate=2e-4,
+            beta=0.1,
+            loss_type=["sigmoid", "sft"],
+            max_length=2048,
+            bf16=False,
+            use_cpu=not cuda,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+            data_seed=0,
+        )
         peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = DPOTrainer(model=m, args=args, train_dataset=load_pairs(pairs)["train"], processing_class=tok,
-                             peft_config=peft, callbacks=[Clock()])  # fmt: skip
+        trainer = DPOTrainer(
+            model=m,
+            args=args,
+            train_dataset=load_pairs(pairs)["train"],
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=[Clock()],
+        )
         trainer.train()
     else:
         from fclib.train import TrainSettings, train
 
         quantization = "4bit" if arm == "fclib-4bit" else "none"
-        settings = TrainSettings(student=model, quantization=quantization, precompute_ref=arm.endswith("precompute"), **common)
+        settings = TrainSettings(
+            student=model, quantization=quantization, precompute_ref=arm.endswith("precompute"), **common
+        )
         train(pairs, out, settings, resume=False, callbacks=[Clock()])
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"arm": arm, "s_per_step": sum(times[1:]) / max(1, len(times) - 1), "steps": len(times), "peak_bytes": peak}
 
 
@@ -97,7 +137,9 @@ def main() -> None:
     ap.add_argument("--pairs", help="a pairs/ folder of a run (default: FOL pairs made here)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (ratios need 'plain' and 'fclib')")
+    ap.add_argument(
+        "--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (ratios need 'plain' and 'fclib')"
+    )
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     args = ap.parse_args()
     if args.arm:
@@ -110,12 +152,26 @@ def main() -> None:
     from fclib.pairs import load_pairs
 
     n = load_pairs(pairs)["train"].num_rows
-    print(f"model {args.model}, {n} pairs, batch {args.batch}, {args.steps} steps (first one not timed), "
-          f"{'cuda' if torch.cuda.is_available() else f'cpu, {torch.get_num_threads()} threads'}")
+    print(
+        f"model {args.model}, {n} pairs, batch {args.batch}, {args.steps} steps (first one not timed), "
+        f"{'cuda' if torch.cuda.is_available() else f'cpu, {torch.get_num_threads()} threads'}"
+    )
     results = {}
     for arm in args.arms:
-        cmd = [sys.executable, __file__, "--arm", arm, "--pairs", pairs, "--model", args.model,
-               "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--arm",
+            arm,
+            "--pairs",
+            pairs,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

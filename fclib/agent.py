@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from fclib.llm import ChatBackend, GenerationSettings, Message, Reply
+from fclib.backends import ChatBackend, GenerationSettings, Message, Reply
 from fclib.problems import Problem
 from fclib.protocol import CallSyntaxError, ParsedCall, from_tool_call, parse_call
 from fclib.runs import progress_bar
@@ -55,11 +56,11 @@ class Task:
 
 @dataclass
 class AgentConfig:
-    """Limits and sampling of the agent loop."""
+    """Limits and sampling of the agent loop; the defaults are the `cpu` profile's (evaluation: greedy)."""
 
-    max_steps: int = 12  # model turns per chain
+    max_steps: int = 8  # model turns per chain
     max_retries: int = 3  # consecutive turns without a usable call before giving up
-    max_tokens_per_turn: int = 48
+    max_tokens_per_turn: int = 40  # a FOL call on lists of n truth values needs about 4n + 10
     max_chain_tokens: int = 2048  # context length (prompt + reply) a chain may reach
     temperature: float = 0.0
     top_p: float = 1.0
@@ -73,6 +74,14 @@ class AgentConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_retries < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("max_retries and temperature must be >= 0 and top_p in (0, 1]")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], temperature: float) -> AgentConfig:
+        """The agent of a run's parameters (a profile, or a notebook's `globals()`), sampling at `temperature`."""
+        return cls(temperature=temperature, **{name: params[name] for name in AGENT_PARAMETERS if name in params})
+
+
+AGENT_PARAMETERS = ("max_steps", "max_tokens_per_turn", "max_chain_tokens", "seed")  # run parameters, same names
 
 
 @dataclass
@@ -168,6 +177,7 @@ def run_chains(
         bar.update(1)
         if on_done is not None:
             on_done(state.chain)
+
     for step in range(config.max_steps):
         active = [s for s in states if not s.chain.done]
         if not active:
@@ -199,7 +209,7 @@ def _request_seed(seed: int, chain: Chain, step: int) -> int:
     return zlib.crc32(f"{seed}:{chain.problem_id}:{chain.sample}:{step}".encode()) & 0x7FFFFFFF
 
 
-def _ask(backend: ChatBackend, active: list["_State"], settings: GenerationSettings, config: AgentConfig) -> list[Reply]:
+def _ask(backend: ChatBackend, active: list[_State], settings: GenerationSettings, config: AgentConfig) -> list[Reply]:
     """One batched backend call; a failure of the whole call becomes an error reply per chain."""
     tools = active[0].chain.tools if config.native_tools else None
     same_tools = all(s.chain.tools == tools for s in active)
@@ -240,7 +250,7 @@ class _State:
         else:
             chain.messages.append({"role": "assistant", "content": reply.text})
         if parsed is None:
-            execution = Execution("", error=problem_text, kind="parse_error")
+            execution = Execution("", error=problem_text, kind="parse_error", code="parse_failure")
         else:
             execution = self.toolset.execute(parsed)
         record = {
@@ -251,6 +261,7 @@ class _State:
             "kind": execution.kind,
             "result": execution.value,
             "error": execution.error,
+            "code": execution.code,
             "note": parsed.note if parsed is not None else None,
         }
         chain.calls.append(record)
@@ -282,7 +293,9 @@ class _State:
             if reply.tool_calls:
                 call = from_tool_call(reply.tool_calls[0])
                 if len(reply.tool_calls) > 1:
-                    call.note = f"{len(reply.tool_calls)} calls found; only the first was executed. Call one function per turn."
+                    call.note = (
+                        f"{len(reply.tool_calls)} calls found; only the first was executed. Call one function per turn."
+                    )
                 return call, ""
             return parse_call(reply.text, known=set(self.toolset.functions)), ""
         except CallSyntaxError as e:
@@ -327,7 +340,10 @@ def transcript(chain: Chain | dict[str, Any]) -> str:
     """A readable transcript of a chain: the problem, each call with its result, the outcome."""
     record = chain.to_dict() if isinstance(chain, Chain) else chain
     question = record["messages"][record["n_prompt"] - 1]["content"]
-    lines = [f"[{record['task']}] {record['problem_id']} (sample {record['sample']}, {record['model']})", f"Q: {question}"]
+    lines = [
+        f"[{record['task']}] {record['problem_id']} (sample {record['sample']}, {record['model']})",
+        f"Q: {question}",
+    ]
     for call in record["calls"]:
         shown = " ".join(call["text"].split())
         shown = shown if len(shown) <= 120 else shown[:117] + "..."
@@ -337,4 +353,3 @@ def transcript(chain: Chain | dict[str, Any]) -> str:
     reason = f" ({record['reason']})" if record.get("reason") else ""
     lines.append(f"  => {record['outcome']}{answer}{reason}")
     return "\n".join(lines)
-

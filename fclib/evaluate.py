@@ -1,9 +1,12 @@
-"""Evaluation: the same agent on held-out problems, honest statistics, a report.
+"""Stage 5, evaluation: honest statistics over the chains of each model on held-out problems, and a report.
 
-    records = evaluate(backend, test_problems, run / "eval" / "results.jsonl", label="base", config=config)
-    m = metrics(all_records, problems)            # the eval/metrics.json shape of DESIGN.md
+    generate(student, test, run_folder / "eval" / "results.jsonl", k=1, config=config, source="base", overwrite=True)
+    m = metrics(records, test)    # the eval/metrics.json shape of DESIGN.md
 
-Results are chain records (the chains.jsonl contract) with `source` = the model label
+The chains are made by `fclib.chains.generate`, the same agent and store as the teacher's
+(`overwrite=True`: results of a label made with another model, a retrained adapter, are
+moved to a backup and the model is evaluated again). Results are chain records (the
+chains.jsonl contract) with `source` = the model label
 (`base`, `dpo`, `teacher`), written as each chain ends and resumable exactly like teacher
 generation. Accuracy counts *verified* correct chains (FOL chains must derive their answer
 from the facts); `answer_accuracy` counts right final answers however they were reached.
@@ -14,39 +17,17 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from fclib.agent import OUTCOMES, AgentConfig, outcome_counts
-from fclib.generate import generate
-from fclib.llm import ChatBackend
+import yaml
+
+from fclib.agent import OUTCOMES, outcome_counts
+from fclib.chains import set_aside_counts
 from fclib.problems import Problem
 
-CALL_ERRORS = ("parse failure", "unknown function", "wrong arguments", "bad argument value", "function error")
 Record = Mapping[str, Any]
-
-
-def evaluate(
-    backend: ChatBackend,
-    problems: Sequence[Problem],
-    path: str | Path,
-    label: str,
-    config: AgentConfig | None = None,
-    samples: int = 1,
-    chunk_size: int = 64,
-    progress: bool = True,
-    overwrite: bool = True,
-    skip_damaged: bool = False,
-) -> list[dict[str, Any]]:
-    """Run `backend` on every problem `samples` times (greedy by default); resumable.
-
-    Results of `label` made with other settings or another model (a retrained adapter) are
-    moved to a backup file and the model is evaluated again (`overwrite=False` refuses instead).
-    A damaged line of the results file stops with its file and line (`skip_damaged`: kept
-    in `<file>.damaged`, its chain run again).
-    """
-    return generate(backend, problems, path, k=samples, config=config or AgentConfig(), source=label,
-                    chunk_size=chunk_size, progress=progress, overwrite=overwrite, skip_damaged=skip_damaged)  # fmt: skip
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -60,20 +41,32 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return (min(float(lo), p), max(float(hi), p))
 
 
+CALL_ERROR_OF_CODE = {  # tools.ERROR_CODES -> the taxonomy's words
+    "parse_failure": "parse failure",
+    "unknown_function": "unknown function",
+    "wrong_arguments": "wrong arguments",
+    "bad_value": "bad argument value",
+    "function_error": "function error",
+}
+
+
 def call_error(call: Record) -> str | None:
-    """The taxonomy class of a failed call, None for a successful one."""
-    kind, error = call["kind"], call.get("error") or ""
-    if kind == "ok":
+    """The taxonomy class of a failed call (from its `code`), None for a successful one."""
+    if call["kind"] == "ok":
         return None
-    if kind == "parse_error":
-        return "parse failure"
-    if kind == "function_error":
-        return "function error"
+    return CALL_ERROR_OF_CODE[call.get("code") or _code_of_old_record(call)]
+
+
+def _code_of_old_record(call: Record) -> str:
+    """The code of a call recorded before calls carried one, from its kind and message."""
+    kind, error = call["kind"], call.get("error") or ""
+    if kind in ("parse_error", "function_error"):
+        return "parse_failure" if kind == "parse_error" else "function_error"
     if error.startswith("unknown function"):
-        return "unknown function"
+        return "unknown_function"
     if any(s in error for s in (" takes ", " has no parameter ", " is missing ", " twice")):
-        return "wrong arguments"
-    return "bad argument value"
+        return "wrong_arguments"
+    return "bad_value"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -99,7 +92,7 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
         "mean_calls": len(calls) / n if n else 0.0,
         "answered": sum(r["outcome"] in ("correct", "wrong_answer") for r in records) / n if n else 0.0,
         "outcomes": outcome_counts(records),
-        "call_errors": {e: errors.get(e, 0) for e in CALL_ERRORS},
+        "call_errors": {e: errors.get(e, 0) for e in CALL_ERROR_OF_CODE.values()},
     }
     samples = Counter(r["problem_id"] for r in records)
     k = max(samples.values(), default=1)
@@ -108,7 +101,9 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
         for r in records:
             by_problem.setdefault(r["problem_id"], []).append(r)
         out["samples_per_problem"] = k
-        out[f"pass@{k}"] = sum(pass_at_k(len(rs), sum(r["outcome"] == "correct" for r in rs), k) for rs in by_problem.values()) / len(by_problem)
+        out[f"pass@{k}"] = sum(
+            pass_at_k(len(rs), sum(r["outcome"] == "correct" for r in rs), k) for rs in by_problem.values()
+        ) / len(by_problem)
         votes = []
         for rs in by_problem.values():
             answers = Counter(repr(r["final_answer"]) for r in rs if r["final_answer"] is not None)
@@ -124,8 +119,10 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
             p = problems.get(r["problem_id"])
             if p is not None:
                 sizes.setdefault(int(p.meta["n"]), []).append(r["outcome"] == "correct")
-        out["by_size"] = {str(s): {"accuracy": sum(v) / len(v), "n": len(v), "ci95": list(wilson(sum(v), len(v)))}
-                          for s, v in sorted(sizes.items())}  # fmt: skip
+        out["by_size"] = {
+            str(s): {"accuracy": sum(v) / len(v), "n": len(v), "ci95": list(wilson(sum(v), len(v)))}
+            for s, v in sorted(sizes.items())
+        }
     return out
 
 
@@ -191,9 +188,16 @@ def paired_valid_calls(base: Sequence[Record], other: Sequence[Record]) -> dict[
     p_value = float(binomtest(higher, higher + lower, 0.5).pvalue) if higher + lower else 1.0
     base_rate = share([c for p in common for c in a_by[p]]) if common else 0.0
     other_rate = share([c for p in common for c in b_by[p]]) if common else 0.0
-    return {"n": len(common), "base_rate": base_rate, "other_rate": other_rate,
-            "higher": higher, "lower": lower, "p_value": p_value, "significant": p_value < 0.05,
-            "test": "exact sign test on per-problem valid-call shares"}  # fmt: skip
+    return {
+        "n": len(common),
+        "base_rate": base_rate,
+        "other_rate": other_rate,
+        "higher": higher,
+        "lower": lower,
+        "p_value": p_value,
+        "significant": p_value < 0.05,
+        "test": "exact sign test on per-problem valid-call shares",
+    }
 
 
 def metrics(
@@ -204,8 +208,10 @@ def metrics(
     groups: dict[str, dict[str, list[Record]]] = {}
     for r in records:
         groups.setdefault(r["source"], {}).setdefault(r["task"], []).append(r)
-    models = {label: {task: summarize_model(rs, by_id or None) for task, rs in sorted(tasks.items())}
-              for label, tasks in groups.items()}  # fmt: skip
+    models = {
+        label: {task: summarize_model(rs, by_id or None) for task, rs in sorted(tasks.items())}
+        for label, tasks in groups.items()
+    }
     paired = {}
     first, second = pair
     if first in groups and second in groups:
@@ -220,15 +226,25 @@ def significance_sentence(task: str, p: Mapping[str, Any]) -> str:
     diff = p["difference"] * 100
     ci = f"95% CI {p['ci95'][0] * 100:+.1f} to {p['ci95'][1] * 100:+.1f} points"
     t = p["table"]
-    core = (f"{task}: {second} {p['other_accuracy']:.1%} vs {first} {p['base_accuracy']:.1%} on the same {p['n']} problems, "
-            f"difference {diff:+.1f} points ({ci}); {second} alone solved {t['other_only']}, {first} alone {t['base_only']}; "
-            f"exact McNemar p = {p['p_value']:.3g}")  # fmt: skip
-    core += ": significant at the 5% level." if p["significant"] else ": **not significant** at the 5% level; this difference could be chance."
+    core = (
+        f"{task}: {second} {p['other_accuracy']:.1%} vs {first} {p['base_accuracy']:.1%} "
+        f"on the same {p['n']} problems, difference {diff:+.1f} points ({ci}); "
+        f"{second} alone solved {t['other_only']}, {first} alone {t['base_only']}; "
+        f"exact McNemar p = {p['p_value']:.3g}"
+    )
+    core += (
+        ": significant at the 5% level."
+        if p["significant"]
+        else ": **not significant** at the 5% level; this difference could be chance."
+    )
     v = p.get("valid_calls")
     if v and v["n"]:
-        core += (f" Valid calls: {second} {v['other_rate']:.1%} vs {first} {v['base_rate']:.1%} on the {v['n']} problems where "
-                 f"both called; {second}'s share higher on {v['higher']}, lower on {v['lower']}; sign test p = {v['p_value']:.3g}"
-                 + (" (significant)." if v["significant"] else " (**not significant**)."))  # fmt: skip
+        core += (
+            f" Valid calls: {second} {v['other_rate']:.1%} vs {first} {v['base_rate']:.1%} "
+            f"on the {v['n']} problems where both called; "
+            f"{second}'s share higher on {v['higher']}, lower on {v['lower']}; sign test p = {v['p_value']:.3g}"
+            + (" (significant)." if v["significant"] else " (**not significant**).")
+        )
     return core
 
 
@@ -239,19 +255,23 @@ def run_failures(run_folder: str | Path, left_out_here: int = 0) -> dict[str, in
     as cut or damaged (`<file>.cut`, `<file>.damaged`), and damaged lines left out when
     reading, by notebook 03 (`pairs/stats.json`) and by the caller (`left_out_here`).
     """
-    from fclib.generate import set_aside_counts
-
     run_folder = Path(run_folder)
     summary_path = run_folder / "chains" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    failed_chains = sum(counts.get("error", 0) for source, by_task in summary.get("outcomes", {}).items()
-                        if source != "reference" for counts in by_task.values())  # fmt: skip
+    failed_chains = sum(
+        counts.get("error", 0)
+        for source, by_task in summary.get("outcomes", {}).items()
+        if source != "reference"
+        for counts in by_task.values()
+    )
     stats_path = run_folder / "pairs" / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    out = {"teacher chains that failed (request errors, retried on the next run)": failed_chains,
-           "teacher step requests that failed (asked again on the next run)": summary.get("step_replies_failed", 0),
-           "chain-file lines left out by notebook 03 (skip_damaged_lines)": stats.get("ledger_lines_left_out", 0),
-           "result-file lines left out by notebook 05 (skip_damaged_lines)": left_out_here}  # fmt: skip
+    out = {
+        "teacher chains that failed (request errors, retried on the next run)": failed_chains,
+        "teacher step requests that failed (asked again on the next run)": summary.get("step_replies_failed", 0),
+        "chain-file lines left out by notebook 03 (skip_damaged_lines)": stats.get("ledger_lines_left_out", 0),
+        "result-file lines left out by notebook 05 (skip_damaged_lines)": left_out_here,
+    }
     out.update({f"lines kept aside in {name}": n for name, n in set_aside_counts(run_folder).items()})
     return out
 
@@ -263,26 +283,38 @@ def write_report(
     figures: Sequence[str] = (),
     failures: Mapping[str, int] | None = None,
 ) -> Path:
-    """`report.md` of a run: headline table, paired comparison, what failed, figures, parameters; readable on its own."""
-    import yaml
+    """`report.md` of a run, readable on its own: results, paired comparison, what failed, figures, parameters."""
 
     run_folder = Path(run_folder)
-    lines = [f"# fclib study: run `{run_folder.name}`", "",
-             "Accuracy counts verified correct chains on held-out test problems (a FOL chain must derive its answer "
-             "from the facts it looked up); 95% Wilson intervals. The same agent, prompts and functions served "
-             "generation, training and evaluation.", "",
-             "| model | task | accuracy (95% CI) | n | answer right | valid calls | answered | calls per chain |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# fclib study: run `{run_folder.name}`",
+        "",
+        "Accuracy counts verified correct chains on held-out test problems (a FOL chain must derive its answer "
+        "from the facts it looked up); 95% Wilson intervals. The same agent, prompts and functions served "
+        "generation, training and evaluation.",
+        "",
+        "| model | task | accuracy (95% CI) | n | answer right | valid calls | answered | calls per chain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, tasks in m["models"].items():
         for task, x in tasks.items():
-            lines.append(f"| {label} | {task} | {x['accuracy']:.1%} ({x['ci95'][0]:.1%} to {x['ci95'][1]:.1%}) | {x['n']} | "
-                         f"{x['answer_accuracy']:.1%} | {x['valid_call_rate']:.1%} | {x['answered']:.1%} | {x['mean_calls']:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {task} | {x['accuracy']:.1%} ({x['ci95'][0]:.1%} to {x['ci95'][1]:.1%}) | {x['n']} | "
+                f"{x['answer_accuracy']:.1%} | {x['valid_call_rate']:.1%} | {x['answered']:.1%} | "
+                f"{x['mean_calls']:.1f} |"
+            )
     lines += ["", "## Paired comparison", ""]
     if m["paired"]:
         lines += [f"- {significance_sentence(task, p)}" for task, p in m["paired"].items()]
     else:
         lines.append("Only one of the two models was evaluated: no paired comparison.")
-    lines += ["", "## How the chains end", "", "| model | task | " + " | ".join(OUTCOMES) + " |", "|---|---|" + "---|" * len(OUTCOMES)]
+    lines += [
+        "",
+        "## How the chains end",
+        "",
+        "| model | task | " + " | ".join(OUTCOMES) + " |",
+        "|---|---|" + "---|" * len(OUTCOMES),
+    ]
     for label, tasks in m["models"].items():
         for task, x in tasks.items():
             lines.append(f"| {label} | {task} | " + " | ".join(str(x["outcomes"][o]) for o in OUTCOMES) + " |")
@@ -290,7 +322,8 @@ def write_report(
         lines += ["", "## What failed or was left out", ""]
         counted = {what: n for what, n in failures.items() if n}
         lines += [f"- {what}: {n}" for what, n in counted.items()] or [
-            "Nothing: every request was answered and every ledger line was read."]
+            "Nothing: every request was answered and every ledger line was read."
+        ]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).as_posix()})" for f in figures]
     lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump(dict(params), sort_keys=False).strip(), "```", ""]

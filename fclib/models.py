@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -136,8 +138,6 @@ def load_model(name: str | os.PathLike, dtype: str = "float32", device: str = "a
 def _checked(name: str | os.PathLike) -> str:
     source = resolve_model(name)
     if not Path(source).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
         if try_to_load_from_cache(source, "config.json") is None:
             raise FileNotFoundError(
                 f"model {source!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE=1: "

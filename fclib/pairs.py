@@ -19,7 +19,7 @@ teacher never solved. Pairs are split into train and validation *by problem*, se
 same inputs give a byte-identical dataset.
 
 Step pairs (`steps=`, the teacher's labelled replies at each turn of a reference chain, from
-`fclib.generate.sample_steps`): the reference's history up to a turn is the prompt, its own
+`fclib.teacher.sample_steps`): the reference's history up to a turn is the prompt, its own
 turn is chosen, a teacher reply there that failed or took another road is rejected. They join
 the problem's other candidates under the same cap, whatever the strategy (`strategy: "step"`
 in the pair), and reach every step of the chain, the final answer included, where a weak
@@ -33,16 +33,18 @@ import random
 import re
 import statistics
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from fclib.chains import verified
 from fclib.runs import check_fields, check_messages, jsonl_line, read_jsonl
+from fclib.teacher import REJECTED_VERDICTS
 
 STRATEGIES = ("all", "random", "first_divergence")
 REFERENCE = "reference"
 STEP_SUFFIX = "-step"  # source of a step reply as a rejected one-turn chain: "<teacher>-step"
-REJECTED_VERDICTS = ("other_function", "wrong_answer", "invalid_call", "parse_error")
 Record = Mapping[str, Any]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -54,29 +56,6 @@ class PairSet:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Equal answers: booleans by identity, numbers within a relative 1e-6, the rest by ==."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
-    return a == b
-
-
-def verified(record: Record) -> bool:
-    """A correct chain whose final answer is what its own calls computed.
-
-    The task's checker already compared the answer with the gold one (and, for FOL, that the
-    chain looked up the facts); here the answer must also be the result of an earlier
-    successful call of the same chain, not a number or truth value typed from nowhere.
-    """
-    if record["outcome"] != "correct" or not record["calls"]:
-        return False
-    final = record["calls"][-1]
-    computed = [c["result"] for c in record["calls"][:-1] if c["kind"] == "ok"]
-    return final["kind"] == "ok" and any(same_value(record["final_answer"], v) for v in computed)
 
 
 def incorrect(record: Record) -> bool:
@@ -105,8 +84,13 @@ def _divergence(chosen: Record, rejected: Record) -> dict[str, Any] | None:
     if i >= len(a) or i >= len(b) or a[i]["role"] != "assistant" or b[i]["role"] != "assistant":
         return None
     call = 1 + sum(m["role"] == "assistant" for m in a[chosen["n_prompt"] : i])  # which of the chain's calls it trains
-    return {"prompt": [dict(m) for m in a[:i]], "chosen": [dict(a[i])], "rejected": [dict(b[i])], "step": i - chosen["n_prompt"],
-            "call": call}  # fmt: skip
+    return {
+        "prompt": [dict(m) for m in a[:i]],
+        "chosen": [dict(a[i])],
+        "rejected": [dict(b[i])],
+        "step": i - chosen["n_prompt"],
+        "call": call,
+    }
 
 
 def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, Any] | None, str]:
@@ -118,7 +102,13 @@ def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, An
         if body is None:
             return None, "no diverging assistant turn"
     else:
-        body = {"prompt": prompt_of(chosen), "chosen": completion_of(chosen), "rejected": completion_of(rejected), "step": 0, "call": 1}
+        body = {
+            "prompt": prompt_of(chosen),
+            "chosen": completion_of(chosen),
+            "rejected": completion_of(rejected),
+            "step": 0,
+            "call": 1,
+        }
     if not body["chosen"] or not body["rejected"]:
         return None, "empty completion"
     if body["chosen"] == body["rejected"]:
@@ -142,8 +132,8 @@ def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, An
 def build_pairs(
     records: Sequence[Record],
     strategy: str = "first_divergence",
-    max_pairs_per_problem: int = 4,
-    use_reference: bool = False,
+    max_pairs_per_problem: int = 8,
+    use_reference: bool = True,
     validation_share: float = 0.1,
     seed: int = 0,
     tokenizer: Any = None,
@@ -164,7 +154,17 @@ def build_pairs(
         raise ValueError("max_length needs the student's tokenizer to count tokens")
     if not records:
         raise ValueError("no chains given: run notebook 02 first")
-    missing = {"problem_id", "task", "source", "sample", "messages", "n_prompt", "calls", "outcome", "final_answer"} - set(records[0])
+    missing = {
+        "problem_id",
+        "task",
+        "source",
+        "sample",
+        "messages",
+        "n_prompt",
+        "calls",
+        "outcome",
+        "final_answer",
+    } - set(records[0])
     if missing:
         raise ValueError(f"chain records lack {sorted(missing)}: not a chains.jsonl of this project?")
 
@@ -209,7 +209,10 @@ def build_pairs(
                 continue
             if tokenizer is not None:
                 pair["chosen_tokens"], pair["rejected_tokens"], pair["prompt_tokens"] = _lengths(tokenizer, pair)
-                if max_length is not None and pair["prompt_tokens"] + max(pair["chosen_tokens"], pair["rejected_tokens"]) > max_length:
+                if (
+                    max_length is not None
+                    and pair["prompt_tokens"] + max(pair["chosen_tokens"], pair["rejected_tokens"]) > max_length
+                ):
                     dropped[f"longer than max_length={max_length} tokens"] += 1
                     continue
             seen.add(sig)
@@ -225,7 +228,9 @@ def build_pairs(
     val_ids = set(problems[:n_val])
     train = [p for pid in sorted(pairs_by_problem) if pid not in val_ids for p in pairs_by_problem[pid]]
     validation = [p for pid in sorted(pairs_by_problem) if pid in val_ids for p in pairs_by_problem[pid]]
-    stats = _stats(records, train, validation, dropped, strategy, max_pairs_per_problem, use_reference, seed, max_length)
+    stats = _stats(
+        records, train, validation, dropped, strategy, max_pairs_per_problem, use_reference, seed, max_length
+    )
     return PairSet(train, validation, stats)
 
 
@@ -238,8 +243,18 @@ def _step_candidates(chains: Sequence[Record], steps: Sequence[Record]) -> list[
         if ref is None or st["turn"] >= len(ref["messages"]):
             continue
         reply = {"role": "assistant", "content": st["text"]}
-        out.append((ref, {**ref, "source": st["source"] + STEP_SUFFIX, "sample": st["sample"], "outcome": st["verdict"],
-                          "messages": [dict(m) for m in ref["messages"][: st["turn"]]] + [reply]}))  # fmt: skip
+        out.append(
+            (
+                ref,
+                {
+                    **ref,
+                    "source": st["source"] + STEP_SUFFIX,
+                    "sample": st["sample"],
+                    "outcome": st["verdict"],
+                    "messages": [dict(m) for m in ref["messages"][: st["turn"]]] + [reply],
+                },
+            )
+        )
     return out
 
 
@@ -248,7 +263,9 @@ def _lengths(tokenizer: Any, pair: Mapping[str, Any]) -> tuple[int, int, int]:
     tools = json.loads(pair["tools"]) if pair.get("tools") else None
 
     def count(messages: list[dict[str, Any]], generation_prompt: bool = False) -> int:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     prompt = count(pair["prompt"], generation_prompt=True)
@@ -258,8 +275,13 @@ def _lengths(tokenizer: Any, pair: Mapping[str, Any]) -> tuple[int, int, int]:
 def _summary(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {"n": 0}
-    return {"n": len(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
-            "min": min(values), "max": max(values)}  # fmt: skip
+    return {
+        "n": len(values),
+        "mean": round(statistics.fmean(values), 2),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def _stats(records, train, validation, dropped, strategy, cap, use_reference, seed, max_length) -> dict[str, Any]:
@@ -278,7 +300,9 @@ def _stats(records, train, validation, dropped, strategy, cap, use_reference, se
         }
     lengths = {}
     if all_pairs and "chosen_tokens" in all_pairs[0]:
-        lengths = {side: _summary([p[f"{side}_tokens"] for p in all_pairs]) for side in ("prompt", "chosen", "rejected")}
+        lengths = {
+            side: _summary([p[f"{side}_tokens"] for p in all_pairs]) for side in ("prompt", "chosen", "rejected")
+        }
     return {
         "strategy": strategy,
         "max_pairs_per_problem": cap,
@@ -342,15 +366,34 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
         for t, v in s["per_task"].items()
     )
     lengths = s["completion_tokens"]
-    shown = (f"chosen mean {lengths['chosen'].get('mean')}, rejected mean {lengths['rejected'].get('mean')}"
-             if lengths else "not counted")  # fmt: skip
+    shown = (
+        f"chosen mean {lengths['chosen'].get('mean')}, rejected mean {lengths['rejected'].get('mean')}"
+        if lengths
+        else "not counted"
+    )
     dropped = ", ".join(f"{v} {k}" for k, v in s["dropped"].items()) or "nothing"
-    (folder / "README.md").write_text(CARD.format(run_name=run_name or folder.parent.name, strategy=s["strategy"],
-        cap=s["max_pairs_per_problem"], use_reference=s["use_reference"], seed=s["seed"], train_pairs=s["train_pairs"],
-        train_problems=s["train_problems"], validation_pairs=s["validation_pairs"],
-        validation_problems=s["validation_problems"], step_pairs=s.get("step_pairs", 0), task_rows=rows, lengths=shown, dropped=dropped))  # fmt: skip
-    splits = {name: Dataset.from_list([_utf8(row) for row in rows])
-              for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}  # fmt: skip
+    (folder / "README.md").write_text(
+        CARD.format(
+            run_name=run_name or folder.parent.name,
+            strategy=s["strategy"],
+            cap=s["max_pairs_per_problem"],
+            use_reference=s["use_reference"],
+            seed=s["seed"],
+            train_pairs=s["train_pairs"],
+            train_problems=s["train_problems"],
+            validation_pairs=s["validation_pairs"],
+            validation_problems=s["validation_problems"],
+            step_pairs=s.get("step_pairs", 0),
+            task_rows=rows,
+            lengths=shown,
+            dropped=dropped,
+        )
+    )
+    splits = {
+        name: Dataset.from_list([_utf8(row) for row in rows])
+        for name, rows in (("train", pairs.train), ("validation", pairs.validation))
+        if rows
+    }
     DatasetDict(splits).save_to_disk(str(folder / "dataset"))
     return folder
 

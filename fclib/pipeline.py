@@ -10,6 +10,8 @@ notebook (`timings.json`, `memory.json`) beside them.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import logging
 import os
@@ -26,7 +28,10 @@ from typing import Any
 import psutil
 import yaml
 
+from fclib.agent import AgentConfig
+from fclib.pairs import STRATEGIES
 from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV, run_dir
+from fclib.train import settings_from_params
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
@@ -49,9 +54,18 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
         raise SystemExit(f"no profile {name!r}; the profiles are: {known}")
     params, lines = _read_profile(path)
     declared = notebook_parameters()
-    wrong = [f"{path}, line {lines[k]}: unknown parameter {k!r}{_did_you_mean(k, declared)}" for k in params if k not in declared]
-    wrong += [f"{path}, line {lines[k]}: {fault}" for k, v in params.items() if k in declared
-              for fault in [_type_fault(k, v, declared[k])] if fault]  # fmt: skip
+    wrong = [
+        f"{path}, line {lines[k]}: unknown parameter {k!r}{_did_you_mean(k, declared)}"
+        for k in params
+        if k not in declared
+    ]
+    wrong += [
+        f"{path}, line {lines[k]}: {fault}"
+        for k, v in params.items()
+        if k in declared
+        for fault in [_type_fault(k, v, declared[k])]
+        if fault
+    ]
     missing = [k for k in declared if k not in params]
     if missing:
         wrong.append(f"{path}: parameters missing: {', '.join(missing)} (a profile sets every parameter)")
@@ -59,10 +73,14 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
         raise SystemExit("bad profile:\n- " + "\n- ".join(wrong))
     for key, value in (overrides or {}).items():
         if key not in params:
-            raise SystemExit(f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}")
+            raise SystemExit(
+                f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}"
+            )
         if key == "teacher_api_key_env" and not _is_variable_name(value):
-            raise SystemExit("teacher_api_key_env takes the NAME of an environment variable that holds the key "
-                             "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown")  # fmt: skip
+            raise SystemExit(
+                "teacher_api_key_env takes the NAME of an environment variable that holds the key "
+                "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
+            )
         fault = _type_fault(key, value, declared[key])
         if fault:
             raise SystemExit(fault)
@@ -95,19 +113,22 @@ def _read_profile(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     lines: dict[str, int] = {}
     for key, _ in node.value:
         if key.value in lines:
-            raise SystemExit(f"{path}, line {key.start_mark.line + 1}: parameter {key.value!r} is set twice "
-                             f"(first on line {lines[key.value]})")  # fmt: skip
+            raise SystemExit(
+                f"{path}, line {key.start_mark.line + 1}: parameter {key.value!r} is set twice "
+                f"(first on line {lines[key.value]})"
+            )
         lines[key.value] = key.start_mark.line + 1
     return params, lines
 
 
 def notebook_parameters() -> dict[str, Any]:
     """{parameter: default} of every notebook's `parameters` cell (the defaults are the cpu profile's)."""
-    import ast
 
     declared: dict[str, Any] = {}
     for nb in notebooks():
-        cell = next(c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        cell = next(
+            c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])
+        )
         for node in ast.parse("".join(cell["source"])).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 declared[node.targets[0].id] = ast.literal_eval(node.value)
@@ -127,12 +148,14 @@ def _type_fault(key: str, value: Any, default: Any) -> str | None:
         return None
     if key == "nmax" and isinstance(value, list):
         return None
-    return f"parameter {key} must be {kind}, got {str(value)[:60]!r}" if isinstance(value, str) else \
-        f"parameter {key} must be {kind}, got {value!r}"  # fmt: skip
+    return (
+        f"parameter {key} must be {kind}, got {str(value)[:60]!r}"
+        if isinstance(value, str)
+        else f"parameter {key} must be {kind}, got {value!r}"
+    )
 
 
 def _did_you_mean(key: str, known: Any) -> str:
-    import difflib
 
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -147,8 +170,6 @@ def _is_variable_name(value: Any) -> bool:
 
 def validate(params: dict[str, Any], profile: str = "") -> list[str]:
     """What is wrong with a parameter set, before anything runs (empty when nothing is)."""
-    from fclib.pairs import STRATEGIES
-    from fclib.train import QUANTIZATION
 
     p = params
     wrong = []
@@ -158,29 +179,50 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
             wrong.append(message)
 
     sizes = p["nmax"] if isinstance(p["nmax"], list) else [p["nmax"]]
-    need(bool(sizes) and all(isinstance(n, int) and n >= 2 for n in sizes), f"nmax must be integers >= 2, got {p['nmax']!r}")
+    need(
+        bool(sizes) and all(isinstance(n, int) and n >= 2 for n in sizes),
+        f"nmax must be integers >= 2, got {p['nmax']!r}",
+    )
     need(p["fol_train"] + p["gsm8k_train"] > 0, "no training problems: fol_train and gsm8k_train are both 0")
     need(p["fol_test"] + p["gsm8k_test"] > 0, "empty test set: fol_test and gsm8k_test are both 0")
     need(min(p["fol_train"], p["fol_test"], p["gsm8k_train"], p["gsm8k_test"]) >= 0, "problem counts must be >= 0")
     need(p["k"] >= 2, f"k={p['k']}: preference pairs need at least 2 chains per problem (k >= 2)")
-    need(p["temperature"] >= 0 and p["eval_temperature"] >= 0, "temperatures must be >= 0")
-    need(p["concurrency"] >= 1 and p["max_steps"] >= 1, "concurrency and max_steps must be >= 1")
+    for build in (  # the stages' own definitions check their settings
+        lambda: AgentConfig.from_params(p, temperature=p["temperature"]),
+        lambda: AgentConfig.from_params(p, temperature=p["eval_temperature"]),
+        lambda: settings_from_params(p),
+    ):
+        try:
+            build()
+        except ValueError as e:
+            wrong.append(str(e))
+    need(p["concurrency"] >= 1, "concurrency must be >= 1")
     need(p["request_timeout"] > 0, f"request_timeout must be > 0 seconds, got {p['request_timeout']!r}")
     need(p["step_samples"] >= 0, "step_samples must be >= 0")
-    need(not p["step_samples"] or p["reference_chains"], "step_samples > 0 samples along the reference chains: set reference_chains=true")
-    need(p["teacher_backend"] in ("inprocess", "server"), f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}")
-    need(not p["teacher_url"] or p["teacher_url"].startswith(("http://", "https://")), "teacher_url must start with http:// or https://")
+    need(
+        not p["step_samples"] or p["reference_chains"],
+        "step_samples > 0 samples along the reference chains: set reference_chains=true",
+    )
+    need(
+        p["teacher_backend"] in ("inprocess", "server"),
+        f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}",
+    )
+    need(
+        not p["teacher_url"] or p["teacher_url"].startswith(("http://", "https://")),
+        "teacher_url must start with http:// or https://",
+    )
     if profile == "paper":
-        need(bool(p["teacher_url"]), "the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL")
+        need(
+            bool(p["teacher_url"]),
+            "the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL",
+        )
     need(p["pair_strategy"] in STRATEGIES, f"pair_strategy must be one of {', '.join(STRATEGIES)}")
     need(0 <= p["validation_share"] < 1, "validation_share must be in [0, 1)")
-    need(p["max_pairs_per_problem"] >= 1 and p["max_length"] >= 16, "max_pairs_per_problem >= 1 and max_length >= 16")
-    need(p["quantization"] in QUANTIZATION, f"quantization must be one of {', '.join(QUANTIZATION)}")
-    need(len(p["loss_weights"]) == len(p["loss_type"]), "loss_weights needs one weight per loss_type")
-    need(p["beta"] > 0 and p["learning_rate"] > 0, "beta and learning_rate must be > 0")
-    need(p["train_batch_size"] >= 1 and p["grad_accum"] >= 1, "train_batch_size and grad_accum must be >= 1")
-    need(p["eval_steps"] >= 0 and p["save_steps"] >= 1, "eval_steps must be >= 0 (0: no validation during training), save_steps >= 1")
-    need(set(p["eval_models"]) <= {"base", "dpo", "teacher"} and bool(p["eval_models"]), "eval_models: some of base, dpo, teacher")
+    need(p["max_pairs_per_problem"] >= 1, "max_pairs_per_problem must be >= 1")
+    need(
+        set(p["eval_models"]) <= {"base", "dpo", "teacher"} and bool(p["eval_models"]),
+        "eval_models: some of base, dpo, teacher",
+    )
     need(p["eval_samples"] >= 1 and p["eval_limit"] >= 0, "eval_samples >= 1 and eval_limit >= 0")
     return wrong
 
@@ -220,7 +262,9 @@ def environment() -> dict[str, Any]:
     import torch
 
     packages = {d.metadata["Name"]: d.version for d in metadata.distributions() if d.metadata["Name"]}
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -245,8 +289,11 @@ def _cpu_model() -> str:
 
 def _git_state() -> dict[str, Any] | None:
     """The commit of the project checkout and whether it had uncommitted changes (None outside git)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
@@ -277,7 +324,7 @@ class PeakMemory:
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -317,17 +364,26 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
         t0 = time.perf_counter()
         try:
             with PeakMemory() as peak:
-                pm.execute_notebook(str(nb), str(target), parameters=given, cwd=str(NOTEBOOKS), kernel_name=KERNEL,
-                                    progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)  # fmt: skip
+                pm.execute_notebook(
+                    str(nb),
+                    str(target),
+                    parameters=given,
+                    cwd=str(NOTEBOOKS),
+                    kernel_name=KERNEL,
+                    progress_bar=False,
+                    stdout_file=sys.stdout,
+                    stderr_file=sys.stderr,
+                )
         except pm.PapermillExecutionError as e:
             raise SystemExit(
-                f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                f"the executed notebook is at {target}"
+                f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nthe executed notebook is at {target}"
             ) from None
         timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
         (out / "timings.json").write_text(json.dumps(timings, indent=2))
         (out / "memory.json").write_text(json.dumps(memory, indent=2))
-        log.info("[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib)
+        log.info(
+            "[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib
+        )
     return out
 
 
@@ -341,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-name", help="folder under outputs/ (default: the profile's run_name)")
     ap.add_argument("--from", dest="start", help="start at notebook NN, reusing earlier results of the run")
     ap.add_argument("--to", dest="stop", help="stop after notebook NN")
-    ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    ap.add_argument(
+        "-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {}
@@ -360,7 +418,10 @@ def main(argv: list[str] | None = None) -> None:
     out = run(params, args.start, args.stop)
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
     peak = max(_read_json(out / "memory.json").values(), default=0)
-    print(f"done in {minutes} min {seconds} s (peak memory {peak:.2f} GiB): the results of run {params['run_name']!r} are in {out}")
+    print(
+        f"done in {minutes} min {seconds} s (peak memory {peak:.2f} GiB): "
+        f"the results of run {params['run_name']!r} are in {out}"
+    )
 
 
 if __name__ == "__main__":

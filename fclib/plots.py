@@ -1,8 +1,12 @@
-"""Figures the notebooks show and save: training curves, evaluation charts."""
+"""What the notebooks show: training curves, evaluation charts, transcripts side by side."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from IPython.display import HTML
 
 TRAINING_PANELS = (
     ("loss", "loss"),
@@ -31,8 +35,14 @@ def training_curves(log_history: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
-OUTCOME_COLORS = {"correct": "tab:green", "wrong_answer": "tab:red", "no_answer": "tab:orange",
-                  "invalid_call": "tab:purple", "max_steps": "tab:brown", "error": "black"}  # fmt: skip
+OUTCOME_COLORS = {
+    "correct": "tab:green",
+    "wrong_answer": "tab:red",
+    "no_answer": "tab:orange",
+    "invalid_call": "tab:purple",
+    "max_steps": "tab:brown",
+    "error": "black",
+}
 
 
 def accuracy_bars(metrics: dict[str, Any]) -> Any:
@@ -66,9 +76,13 @@ def outcome_breakdown(metrics: dict[str, Any]) -> Any:
     """How each model's chains end, per task (shares of chains)."""
     import matplotlib.pyplot as plt
 
-    rows = [(f"{label} / {task}", m["outcomes"], m["n"]) for label, tasks in metrics["models"].items() for task, m in tasks.items()]
+    rows = [
+        (f"{label} / {task}", m["outcomes"], m["n"])
+        for label, tasks in metrics["models"].items()
+        for task, m in tasks.items()
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    for y, (name, outcomes, n) in enumerate(rows):
+    for y, (_name, outcomes, n) in enumerate(rows):
         left = 0.0
         for outcome, color in OUTCOME_COLORS.items():
             share = outcomes.get(outcome, 0) / n if n else 0
@@ -93,7 +107,10 @@ def accuracy_by_size(metrics: dict[str, Any]) -> Any:
         if sizes:
             xs = [int(s) for s in sizes]
             ys = [v["accuracy"] for v in sizes.values()]
-            err = [[y - v["ci95"][0] for y, v in zip(ys, sizes.values())], [v["ci95"][1] - y for y, v in zip(ys, sizes.values())]]
+            err = [
+                [y - v["ci95"][0] for y, v in zip(ys, sizes.values())],
+                [v["ci95"][1] - y for y, v in zip(ys, sizes.values())],
+            ]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
     ax.set_xlabel("individuals in the world")
     ax.set_ylabel("FOL accuracy (verified)")
@@ -102,3 +119,14 @@ def accuracy_by_size(metrics: dict[str, Any]) -> Any:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def side_by_side(*columns: tuple[str, str]) -> Any:
+    """(title, transcript) columns side by side, as HTML for a notebook; all text escaped: model output is untrusted."""
+
+    cells = "".join(
+        "<td style='vertical-align:top;text-align:left'>"
+        f"<b>{escape(title)}</b><pre style='white-space:pre-wrap;font-size:11px'>{escape(text)}</pre></td>"
+        for title, text in columns
+    )
+    return HTML(f"<table><tr>{cells}</tr></table>")

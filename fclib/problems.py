@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fclib.runs import check_fields, jsonl_line, read_jsonl
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -22,7 +24,7 @@ class Problem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: Any) -> "Problem":
+    def from_dict(cls, record: Any) -> Problem:
         """A Problem from its record; ValueError naming the field when a field is missing or of the wrong type."""
         check_fields(record, {"id": str, "task": str, "question": str}, "a problem")
         if "answer" not in record:

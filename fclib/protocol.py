@@ -135,7 +135,9 @@ def _parse_candidate(text: str, start: int, open_paren: int, end: int) -> Parsed
     after = end + 1
     while after < len(text) and text[after].isspace():
         after += 1
-    if text[after : after + 1] in ("(", "[") or (text[after : after + 1] == "." and text[after + 1 : after + 2].isidentifier()):
+    if text[after : after + 1] in ("(", "[") or (
+        text[after : after + 1] == "." and text[after + 1 : after + 2].isidentifier()
+    ):
         raise CallSyntaxError("write a single plain call; calling, indexing or accessing its result is not allowed")
     if len(snippet) > MAX_CALL_CHARS:
         raise CallSyntaxError(f"the call to {name} is too long ({len(snippet)} characters)")
@@ -241,7 +243,11 @@ def _literal(node: ast.AST, where: str, depth: int) -> Any:
         raise CallSyntaxError(f"{where} has an unsupported literal type {type(node.value).__name__}")
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = node.operand
-        if isinstance(inner, ast.Constant) and isinstance(inner.value, (int, float)) and not isinstance(inner.value, bool):
+        if (
+            isinstance(inner, ast.Constant)
+            and isinstance(inner.value, (int, float))
+            and not isinstance(inner.value, bool)
+        ):
             return -inner.value if isinstance(node.op, ast.USub) else inner.value
         raise CallSyntaxError(f"{where}: a sign may only stand before a number")
     if isinstance(node, (ast.List, ast.Tuple)):
@@ -249,7 +255,9 @@ def _literal(node: ast.AST, where: str, depth: int) -> Any:
     if isinstance(node, ast.Name):
         if node.id in _BARE_LITERALS:
             return _BARE_LITERALS[node.id]
-        raise CallSyntaxError(f"{where} is the name {node.id!r}, not a value: quote strings ('{node.id}') and write numbers as digits")
+        raise CallSyntaxError(
+            f"{where} is the name {node.id!r}, not a value: quote strings ('{node.id}') and write numbers as digits"
+        )
     kind = {
         ast.Call: "a nested call: call one function per turn and use its result in the next call",
         ast.BinOp: "an arithmetic expression: compute it with a function call",

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from tqdm.auto import tqdm as auto_tqdm
+from tqdm.std import tqdm as text_tqdm
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEXT_PROGRESS_ENV = "FCLIB_TEXT_PROGRESS"  # set by the pipeline: notebooks run headless show text bars
@@ -31,11 +35,7 @@ def run_dir(run_name: str, create: bool = True) -> Path:
 def progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar: a widget in Jupyter; plain text when $FCLIB_TEXT_PROGRESS is set (the pipeline sets it,
     so the bars of a headless run reach the terminal and the executed notebook as text)."""
-    if os.environ.get(TEXT_PROGRESS_ENV):
-        from tqdm.std import tqdm
-    else:
-        from tqdm.auto import tqdm
-    return tqdm(**kwargs)
+    return (text_tqdm if os.environ.get(TEXT_PROGRESS_ENV) else auto_tqdm)(**kwargs)
 
 
 def jsonl_line(record: Any, **kwargs: Any) -> str:
@@ -58,7 +58,7 @@ class BadLine(ValueError):
 
 
 def read_record(raw: bytes, convert: Callable[[Any], Any] | None = None) -> Any:
-    """The record of one JSONL line: UTF-8, JSON, then `convert` (which checks it, raising ValueError naming a bad field)."""
+    """The record of one JSONL line: UTF-8, JSON, then `convert` (which checks it; ValueError names a bad field)."""
     record = json.loads(raw.decode("utf-8"))
     return convert(record) if convert is not None else record
 
@@ -72,7 +72,9 @@ def check_fields(record: Any, fields: dict[str, type], what: str = "a record") -
             raise ValueError(f"field {name!r} is missing")
         value = record[name]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ValueError(f"field {name!r} must be {kind.__name__}, not {type(value).__name__} ({str(value)[:40]!r})")
+            raise ValueError(
+                f"field {name!r} must be {kind.__name__}, not {type(value).__name__} ({str(value)[:40]!r})"
+            )
     return record
 
 

@@ -10,8 +10,9 @@ meant for the model, never an exception that ends the chain.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fclib.protocol import ParsedCall, format_call
 
@@ -24,8 +25,19 @@ _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", 
 _TYPE_WORDS = {int: "integer", float: "number", bool: "True or False", str: "string", list: "list of True/False"}
 
 
+ERROR_CODES = ("parse_failure", "unknown_function", "wrong_arguments", "bad_value", "function_error")
+
+
 class ToolError(Exception):
-    """Raised inside a function for a failure the model should read (e.g. division by zero)."""
+    """A failure the model should read (e.g. division by zero), with a code for the evaluation's taxonomy.
+
+    The message is for the model and free to change; `code` (one of `ERROR_CODES`) is what
+    programs read.
+    """
+
+    def __init__(self, message: str, code: str = "bad_value"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,9 @@ class Param:
     def schema(self) -> dict[str, Any]:
         """JSON schema of this parameter."""
         types = self.type if isinstance(self.type, tuple) else (self.type,)
-        alts = [{"type": "array", "items": {"type": "boolean"}} if t is list else {"type": _JSON_TYPES[t]} for t in types]
+        alts = [
+            {"type": "array", "items": {"type": "boolean"}} if t is list else {"type": _JSON_TYPES[t]} for t in types
+        ]
         out: dict[str, Any] = alts[0] if len(alts) == 1 else {"anyOf": alts}
         if self.description:
             out["description"] = self.description
@@ -139,17 +153,23 @@ class Function:
         """Map positional and keyword arguments to checked parameter values."""
         names = [p.name for p in self.params]
         if len(call.args) > len(names):
-            raise ToolError(f"{self.name} takes {len(names)} argument(s), got {len(call.args) + len(call.kwargs)}")
+            given = len(call.args) + len(call.kwargs)
+            raise ToolError(f"{self.name} takes {len(names)} argument(s), got {given}", "wrong_arguments")
         values = dict(zip(names, call.args))
         for key, value in call.kwargs.items():
             if key not in names:
-                raise ToolError(f"{self.name} has no parameter {key!r}; its parameters are {', '.join(names) or 'none'}")
+                raise ToolError(
+                    f"{self.name} has no parameter {key!r}; its parameters are {', '.join(names) or 'none'}",
+                    "wrong_arguments",
+                )
             if key in values:
-                raise ToolError(f"{self.name} got {key!r} twice")
+                raise ToolError(f"{self.name} got {key!r} twice", "wrong_arguments")
             values[key] = value
         missing = [n for n in names if n not in values]
         if missing:
-            raise ToolError(f"{self.name} is missing {', '.join(missing)}; call it as {self.example_text(0)}")
+            raise ToolError(
+                f"{self.name} is missing {', '.join(missing)}; call it as {self.example_text(0)}", "wrong_arguments"
+            )
         return {p.name: p.check(values[p.name]) for p in self.params}
 
     def example_text(self, i: int) -> str:
@@ -170,8 +190,9 @@ class Execution:
     kwargs: dict[str, Any] = field(default_factory=dict)
     value: Any = None
     error: str | None = None
-    kind: str = "ok"  # ok | invalid_call (never ran) | function_error (ran and refused)
+    kind: str = "ok"  # ok | invalid_call (never ran) | function_error (ran and refused) | parse_error
     final: bool = False
+    code: str | None = None  # None when ok, else one of ERROR_CODES
 
     @property
     def ok(self) -> bool:
@@ -230,20 +251,22 @@ class Toolset:
         f = self.functions.get(call.name)
         if f is None:
             known = ", ".join(self.functions)
-            return Execution(call.name, error=f"unknown function {call.name!r}; the functions are {known}", kind="invalid_call")
+            error = f"unknown function {call.name!r}; the functions are {known}"
+            return Execution(call.name, error=error, kind="invalid_call", code="unknown_function")
         try:
             kwargs = f.bind(call)
         except ToolError as e:
-            return Execution(call.name, error=str(e), kind="invalid_call")
+            return Execution(call.name, error=str(e), kind="invalid_call", code=e.code)
+        failed = {"kind": "function_error", "final": f.final, "code": "function_error"}
         try:
             value = f.impl(**kwargs)
             _check_result(value)
         except ToolError as e:
-            return Execution(f.name, kwargs, error=str(e), kind="function_error", final=f.final)
+            return Execution(f.name, kwargs, error=str(e), **failed)
         except ZeroDivisionError:
-            return Execution(f.name, kwargs, error="division by zero", kind="function_error", final=f.final)
+            return Execution(f.name, kwargs, error="division by zero", **failed)
         except (ArithmeticError, ValueError) as e:  # overflow, math domain errors
-            return Execution(f.name, kwargs, error=f"{f.name} failed: {e}", kind="function_error", final=f.final)
+            return Execution(f.name, kwargs, error=f"{f.name} failed: {e}", **failed)
         return Execution(f.name, kwargs, value=value, final=f.final)
 
 

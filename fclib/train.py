@@ -13,16 +13,24 @@ The adapter, the tokenizer and the exact settings are saved to `model/adapter/`,
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from fclib.runs import TEXT_PROGRESS_ENV
+import yaml
+
+from fclib.fast.completion_scoring import completion_only_scoring
+from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
+from fclib.models import load_model, load_tokenizer, resolve_model
+from fclib.pairs import load_pairs
+from fclib.runs import TEXT_PROGRESS_ENV, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,7 @@ QUANTIZATION = ("auto", "4bit", "none")
 
 @dataclass
 class TrainSettings:
-    """What people tune. `quantization='auto'` means 4-bit on CUDA, none on CPU."""
+    """What people tune; the defaults are the `cpu` profile's. `quantization='auto'`: 4-bit on CUDA, none on CPU."""
 
     student: str = "embedded"
     quantization: str = "auto"  # auto | 4bit | none
@@ -40,20 +48,24 @@ class TrainSettings:
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
     beta: float = 0.1
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = 20  # > 0 overrides epochs
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 1024
+    max_length: int = 1280
     truncation_mode: str = "keep_start"
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"])
-    loss_weights: list[float] | None = None
+    loss_weights: list[float] | None = field(default_factory=lambda: [1.0, 1.0])
     precompute_ref: bool = False
-    eval_steps: int = 10  # 0: no validation during training
+    eval_steps: int = 0  # 0: no validation during training
     save_steps: int = 10
     logging_steps: int = 1
     seed: int = 0
+    share_prompt_prefix: bool = True  # fclib.fast.prefix_sharing: shared prompt tokens run once (exact)
+    completion_only_scoring: bool = (
+        True  # fclib.fast.completion_scoring: TRL scores only completions on CPU too (exact)
+    )
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION:
@@ -86,17 +98,21 @@ def load_base(student: str, four_bit: bool) -> tuple[Any, Any]:
     """The student (4-bit nf4 with bf16 compute, or fp32) and its tokenizer."""
     import torch
 
-    from fclib.models import load_model, load_tokenizer, resolve_model
-
     try:
         if not four_bit:
             return load_model(student)
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                   bnb_4bit_use_double_quant=True)  # fmt: skip
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
         source = resolve_model(student)
-        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+        )
         return model, load_tokenizer(source)
     except OSError as e:
         raise FileNotFoundError(
@@ -110,7 +126,9 @@ def check_pairs(data: Any, tokenizer: Any, max_length: int) -> None:
         raise ValueError("the pair dataset has no training pairs: see pairs/stats.json ('dropped') and notebook 03")
     missing = {"prompt", "chosen", "rejected"} - set(data["train"].column_names)
     if missing:
-        raise ValueError(f"the pair dataset lacks the column(s) {sorted(missing)}: expected TRL's prompt/chosen/rejected")
+        raise ValueError(
+            f"the pair dataset lacks the column(s) {sorted(missing)}: expected TRL's prompt/chosen/rejected"
+        )
     first = data["train"][0]
     if not (isinstance(first["prompt"], list) and first["prompt"] and isinstance(first["prompt"][0], dict)):
         raise ValueError("prompt must be a list of chat messages (conversational format), as notebook 03 writes it")
@@ -169,16 +187,22 @@ def _cuda() -> bool:
 def lora_config(settings: TrainSettings) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")  # fmt: skip
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
-def make_trainer(pairs_dir: str | Path, run_folder: str | Path, settings: TrainSettings, callbacks: list | None = None) -> Any:
+def make_trainer(
+    pairs_dir: str | Path, run_folder: str | Path, settings: TrainSettings, callbacks: list | None = None
+) -> Any:
     """A DPOTrainer on the saved pairs, the student, a fresh LoRA adapter (not yet trained)."""
     from transformers import set_seed
     from trl import DPOTrainer
-
-    from fclib.pairs import load_pairs
 
     set_seed(settings.seed)
     four_bit = use_4bit(settings)
@@ -191,8 +215,15 @@ def make_trainer(pairs_dir: str | Path, run_folder: str | Path, settings: TrainS
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     has_eval = "validation" in data and data["validation"].num_rows > 0
     args = dpo_config(settings, Path(run_folder) / "model" / "checkpoints", four_bit, has_eval)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"] if has_eval else None,
-                         processing_class=tokenizer, peft_config=lora_config(settings), callbacks=callbacks)  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"] if has_eval else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(settings),
+        callbacks=callbacks,
+    )
     if os.environ.get(TEXT_PROGRESS_ENV):  # headless: a text bar and a line per logged step reach the terminal
         from transformers.trainer_callback import ProgressCallback
         from transformers.utils.notebook import NotebookProgressCallback
@@ -203,142 +234,6 @@ def make_trainer(pairs_dir: str | Path, run_folder: str | Path, settings: TrainS
     return trainer
 
 
-@contextmanager
-def completion_only_scoring() -> Iterator[None]:
-    """Score only the completion tokens on CPU too: same loss and gradients, far less work.
-
-    TRL computes each sequence's log-probabilities with a chunked LM-head kernel. On CUDA it
-    feeds the kernel only the positions whose labels count (the completion); elsewhere it
-    feeds every position (the whole prompt and the padding) and masks the result afterwards,
-    a choice made for devices that recompile on every new shape. On CPU that is the prompt's
-    ~900 tokens times the vocabulary for a ~12-token completion. This selects TRL's compact
-    indexing on every device; the kernel itself still runs its torch code on CPU. The test
-    suite checks that loss and gradients are identical (tests/test_train.py).
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: True  # read by the fused forward only to choose the compact indexing
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
-
-
-def _causal_lm(model: Any) -> Any:
-    """The causal LM itself, under a PEFT wrapper if there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextmanager
-def shared_prompt_prefix(model: Any, min_tokens: int = 16) -> Iterator[None]:
-    """Run the prompt prefixes that sequences of a batch share once, not once per sequence.
-
-    A DPO batch holds each pair twice (chosen, rejected) after the same prompt, and every
-    prompt of a task starts with the same ~820 tokens (system prompt, functions, demonstration),
-    so on CPU most of a step's compute went into the same tokens, many times over. Inside this
-    context the backbone shares prefixes at every level: it groups a batch's rows by their next
-    `min_tokens` tokens (first by task), computes each group's longest common prefix once, as one
-    row, and goes on the same way with the rows' remainders on that prefix's keys and values
-    (next by pair: the problem and the history before the two completions). What no two rows
-    share runs as one batch on the expanded keys and values. Each group is cut to its longest
-    row, so padding is not computed either. In DPO's reference pass (adapters off, no
-    gradients) the task prefixes are those of the frozen base, computed once for the whole
-    context (all of training). The hidden states of every non-padding position are the same
-    and so, through the expansion, are the gradients (tests/test_train.py checks both). Calls
-    with a cache or embeddings (generation) and gradient checkpointing (4-bit on CUDA) take the
-    backbone's own path. Under dropout a shared prefix would draw one mask for all its rows;
-    TRL's DPOConfig disables dropout by default.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    backbone = _causal_lm(model).base_model
-    original = backbone.forward
-    Prefix = list[tuple[Any, Any]]  # per layer: keys and values of one row's first positions
-    lora = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
-    frozen: dict[tuple[int, ...], tuple[Any, Prefix]] = {}  # task prefixes under the frozen base: hidden states, keys/values
-
-    def base_only() -> bool:
-        """Adapters off and no gradients (DPO's reference pass): the frozen base's prefixes are reused across calls."""
-        return bool(lora) and not torch.is_grad_enabled() and all(m.disable_adapters for m in lora)
-
-    def cached(prefix: Prefix, rows: int) -> Any:
-        cache = DynamicCache(config=backbone.config)
-        for layer, (keys, values) in zip(cache.layers, prefix, strict=True):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
-        return cache
-
-    def tail(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
-        """Hidden states after the prefix, no further sharing: one batch."""
-        if not prefix:
-            return original(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
-        start = prefix[0][0].size(-2)
-        return original(input_ids=ids[:, start:], attention_mask=mask, cache=cached(prefix, ids.size(0)), use_cache=True,
-                        **kwargs).last_hidden_state  # fmt: skip
-
-    def shared(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
-        """Hidden states after the prefix of rows that share their next tokens: their common part once, then the rest."""
-        start = prefix[0][0].size(-2) if prefix else 0
-        same = (ids == ids[:1]).all(0) & mask.bool().all(0)
-        n = min(int(same.long().cumprod(0).sum()), int(mask.sum(1).min()) - 1)  # every row keeps a token after it
-        if n - start < min_tokens:
-            return tail(ids, mask, prefix, kwargs)
-        reuse = not prefix and base_only()
-        if reuse:
-            first = ids[0, :n].tolist()
-            hit = max((k for k in frozen if len(k) <= n and list(k) == first[: len(k)]), key=len, default=None)
-            if hit is not None:
-                head, kv = frozen[hit]
-                rest = (shared if n - len(hit) >= min_tokens else split)(ids, mask, kv, kwargs)
-                return torch.cat([head.expand(ids.size(0), -1, -1), rest], 1)
-        cache = cached(prefix, 1) if prefix else DynamicCache(config=backbone.config)
-        head = original(input_ids=ids[:1, start:n], cache=cache, use_cache=True, **kwargs).last_hidden_state
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        if reuse:
-            frozen[tuple(first)] = (head, kv)
-            while len(frozen) > 8:  # one or two per task in practice
-                del frozen[next(iter(frozen))]
-        return torch.cat([head.expand(ids.size(0), -1, -1), split(ids, mask, kv, kwargs)], 1)
-
-    def split(ids: Any, mask: Any, prefix: Prefix, kwargs: dict) -> Any:
-        """Hidden states after the prefix: rows grouped by their next `min_tokens` tokens."""
-        start = prefix[0][0].size(-2) if prefix else 0
-        window = slice(start, start + min_tokens)
-        groups: dict[Any, list[int]] = {}
-        for row, (w, m) in enumerate(zip(ids[:, window].tolist(), mask[:, window].tolist())):
-            groups.setdefault(tuple(w) if len(m) == min_tokens and all(m) else None, []).append(row)
-        alone = groups.pop(None, [])
-        alone += [rows[0] for rows in groups.values() if len(rows) == 1]
-        parts, order = [], []
-        for rows, run in [(rows, shared) for rows in groups.values() if len(rows) > 1] + [(alone, tail)] * bool(alone):
-            length = int(mask[rows].sum(1).max())
-            hidden = run(ids[rows, :length], mask[rows, :length], prefix, kwargs)
-            parts.append(F.pad(hidden, (0, 0, 0, ids.size(1) - length)))  # padding positions: zeros, masked downstream
-            order += rows
-        return torch.cat(parts)[torch.tensor(order).argsort()]
-
-    def forward(input_ids=None, attention_mask=None, **kwargs):
-        plain = all(kwargs.get(k) is None for k in ("cache", "inputs_embeds", "position_ids"))
-        if not plain or input_ids is None or input_ids.dim() != 2 or (backbone.training and backbone.is_activation_checkpointing):
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        first = [(tuple(ids), all(m)) for ids, m in zip(input_ids[:, :min_tokens].tolist(), mask[:, :min_tokens].tolist())]
-        if len({ids for ids, full in first if full}) == sum(full for _, full in first):  # no two rows start alike
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "cache")}  # None on this path (a causal LM passes cache=None)
-        return BaseModelOutputWithPast(last_hidden_state=split(input_ids, mask, [], kwargs))
-
-    backbone.forward = forward
-    try:
-        yield
-    finally:
-        del backbone.forward  # the instance attribute shadowed the class's forward
-
-
 def last_checkpoint(run_folder: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -347,25 +242,34 @@ def last_checkpoint(run_folder: str | Path) -> str | None:
 
 
 def train(
-    pairs_dir: str | Path, run_folder: str | Path, settings: TrainSettings, resume: bool = True, callbacks: list | None = None
+    pairs_dir: str | Path,
+    run_folder: str | Path,
+    settings: TrainSettings,
+    resume: bool = True,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train, save the adapter and the log; resumes from the last checkpoint when there is one."""
     run_folder = Path(run_folder)
     checkpoint = last_checkpoint(run_folder) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    with completion_only_scoring():
+    with completion_only_scoring() if settings.completion_only_scoring else nullcontext():
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
-        with shared_prompt_prefix(trainer.model):
+        with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
             result = trainer.train(resume_from_checkpoint=checkpoint)
     if not math.isfinite(result.training_loss):
         raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
     adapter = run_folder / "model" / "adapter"
     trainer.model.save_pretrained(str(adapter))
     trainer.processing_class.save_pretrained(str(adapter))
-    info = {"settings": asdict(settings), "quantized_4bit": use_4bit(settings), "resumed_from": checkpoint,
-            "global_step": result.global_step, "training_loss": result.training_loss,
-            "trainable_parameters": trainable_parameters(trainer.model)}  # fmt: skip
+    info = {
+        "settings": asdict(settings),
+        "quantized_4bit": use_4bit(settings),
+        "resumed_from": checkpoint,
+        "global_step": result.global_step,
+        "training_loss": result.training_loss,
+        "trainable_parameters": trainable_parameters(trainer.model),
+    }
     (adapter / "fclib_training.json").write_text(json.dumps(info, indent=2))
     (adapter / "dpo_config.json").write_text(trainer.args.to_json_string())
     (run_folder / "train").mkdir(parents=True, exist_ok=True)
@@ -388,8 +292,6 @@ def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool =
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from fclib.models import load_model
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no trained adapter at {adapter_dir}: run notebook 04 first")
@@ -405,6 +307,17 @@ def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool =
     return model, tokenizer
 
 
+def adapter_id(adapter_dir: str | Path, base: str) -> str:
+    """The model id of base + adapter, naming the adapter's weights by their hash: `embedded+adapter@1a2b3c4d5e6f`.
+
+    Evaluation results carry it, so results of another training (other weights under the same
+    folder) are told apart and redone rather than mixed.
+    """
+
+    digest = hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return f"{base}+adapter@{digest[:12]}"
+
+
 def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[float]:
     """Sum of the model's log-probabilities of each completion's tokens after its prompt (chat template).
 
@@ -415,7 +328,9 @@ def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], l
     import torch
 
     def ids(messages: list[dict], tools: Any, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     rows = []
@@ -429,7 +344,7 @@ def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], l
     width = max(len(full) for full, _ in rows)
     x = torch.tensor([full + [0] * (width - len(full)) for full, _ in rows], device=model.device)
     mask = torch.tensor([[1] * len(full) + [0] * (width - len(full)) for full, _ in rows], device=model.device)
-    causal = _causal_lm(model)
+    causal = causal_lm(model)
     out = []
     with torch.inference_mode(), shared_prompt_prefix(model):
         hidden = causal.base_model(input_ids=x, attention_mask=mask).last_hidden_state
@@ -458,12 +373,27 @@ def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None
 
 
 PARAMETERS = {  # run parameter (profiles/*.yaml) -> TrainSettings field
-    "student": "student", "quantization": "quantization", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout", "beta": "beta", "learning_rate": "learning_rate", "train_epochs": "epochs",
-    "train_max_steps": "max_steps", "train_batch_size": "batch_size", "grad_accum": "grad_accum",
-    "max_length": "max_length", "loss_type": "loss_type", "loss_weights": "loss_weights",
-    "precompute_ref": "precompute_ref", "eval_steps": "eval_steps", "save_steps": "save_steps", "seed": "seed",
-}  # fmt: skip
+    "student": "student",
+    "quantization": "quantization",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "beta": "beta",
+    "learning_rate": "learning_rate",
+    "train_epochs": "epochs",
+    "train_max_steps": "max_steps",
+    "train_batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "max_length": "max_length",
+    "loss_type": "loss_type",
+    "loss_weights": "loss_weights",
+    "precompute_ref": "precompute_ref",
+    "eval_steps": "eval_steps",
+    "save_steps": "save_steps",
+    "seed": "seed",
+    "share_prompt_prefix": "share_prompt_prefix",
+    "completion_only_scoring": "completion_only_scoring",
+}
 
 
 def settings_from_params(params: dict[str, Any]) -> TrainSettings:
@@ -476,14 +406,11 @@ def main(argv: list[str] | None = None) -> None:
 
     The same code runs on several GPUs with `accelerate launch -m fclib.train --run-name NAME`.
     """
-    import argparse
-
-    import yaml
-
-    from fclib.runs import run_dir
 
     ap = argparse.ArgumentParser(prog="python -m fclib.train", description=main.__doc__.splitlines()[0])
-    ap.add_argument("--run-name", required=True, help="a run of the pipeline (outputs/NAME with params.yaml and pairs/)")
+    ap.add_argument(
+        "--run-name", required=True, help="a run of the pipeline (outputs/NAME with params.yaml and pairs/)"
+    )
     ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the last checkpoint")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -491,7 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     params_path = run / "params.yaml"
     if not params_path.is_file():
         raise SystemExit(f"{params_path} not found: run the pipeline (notebooks 01-03) for {args.run_name!r} first")
-    info = train(run / "pairs", run, settings_from_params(yaml.safe_load(params_path.read_text())), resume=not args.no_resume)
+    info = train(
+        run / "pairs", run, settings_from_params(yaml.safe_load(params_path.read_text())), resume=not args.no_resume
+    )
     print(json.dumps({k: info[k] for k in ("global_step", "training_loss", "trainable_parameters")}))
 
 

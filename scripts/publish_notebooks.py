@@ -38,8 +38,10 @@ def publish(run: Path, target: Path = TARGET) -> list[Path]:
     sources = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not sources:
         raise SystemExit(f"no executed notebooks in {run / 'notebooks'}: run ./study.sh first")
-    texts = {src.name: json.dumps(clean(nbformat.read(src, as_version=4)), indent=1, ensure_ascii=False) + "\n"
-             for src in sources}  # fmt: skip
+    texts = {
+        src.name: json.dumps(clean(nbformat.read(src, as_version=4)), indent=1, ensure_ascii=False) + "\n"
+        for src in sources
+    }
     total = sum(len(t.encode()) for t in texts.values())
     if total > LIMIT_BYTES:
         raise SystemExit(f"the executed notebooks take {total / 1e6:.1f} MB, over the {LIMIT_BYTES / 1e6:.0f} MB limit")

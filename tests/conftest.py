@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fclib.llm import GenerationSettings, Reply
-
+from fclib.backends import GenerationSettings, Reply
 
 
 class QueueBackend:

@@ -13,17 +13,24 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-from fclib.llm import GenerationSettings, ScriptedBackend
+from fclib.backends import GenerationSettings
+from fclib.backends.scripted import ScriptedBackend
 
 Fault = Callable[[int, dict], "str | None"]
 
 
 class FakeOpenAI:
-    def __init__(self, backend: ScriptedBackend, fault: Fault | None = None, model: str = "fake-teacher",
-                 hang_s: float = 3.0, delay_s: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        backend: ScriptedBackend,
+        fault: Fault | None = None,
+        model: str = "fake-teacher",
+        hang_s: float = 3.0,
+        delay_s: float = 0.0,
+    ):
         self.backend, self.fault, self.model = backend, fault or (lambda n, body: None), model
         self.hang_s, self.delay_s = hang_s, delay_s
         self.requests = 0
@@ -46,7 +53,9 @@ class FakeOpenAI:
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode())
+                    self._send(
+                        200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode()
+                    )
                 else:
                     self._send(404, b'{"detail": "not found"}')
 
@@ -57,7 +66,9 @@ class FakeOpenAI:
                     server.times.append(time.monotonic())
                     n = server.requests
                 if body.get("model") != server.model:
-                    return self._send(404, json.dumps({"error": {"message": f"model {body.get('model')} not found"}}).encode())
+                    return self._send(
+                        404, json.dumps({"error": {"message": f"model {body.get('model')} not found"}}).encode()
+                    )
                 fault = server.fault(n, body)
                 if isinstance(fault, dict):
                     return self._send(fault["status"], b'{"error": {"message": "not now"}}', fault.get("headers"))
@@ -78,10 +89,19 @@ class FakeOpenAI:
                     time.sleep(server.delay_s)
                 settings = GenerationSettings(max_tokens=body.get("max_tokens", 64))
                 text = server.backend.chat([body["messages"]], settings)[0].text
-                choices = [] if fault == "empty" else [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]  # fmt: skip
-                payload = {"id": f"r{n}", "object": "chat.completion", "created": 0, "model": server.model,
-                           "choices": choices, "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}  # fmt: skip
+                choices = (
+                    []
+                    if fault == "empty"
+                    else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]
+                )
+                payload = {
+                    "id": f"r{n}",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": server.model,
+                    "choices": choices,
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                }
                 self._send(200, json.dumps(payload).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -92,7 +112,7 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         self.thread.start()
         return self
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from fclib.agent import AgentConfig, run_chains
-from fclib.llm import ScriptedBackend
+from fclib.backends.scripted import ScriptedBackend
 from fclib.tasks import TASKS, reference_script
 
 
 def scripted_chain(problem, script, sample=0, source="teacher"):
     """The chain record of `script` (call texts) played for `problem`."""
     backend = ScriptedBackend({problem.question: script}, model_id=source)
-    (c,) = run_chains(backend, TASKS, [problem], AgentConfig(max_steps=8, max_retries=1), samples=[sample],
-                      progress=False, source=source)  # fmt: skip
+    (c,) = run_chains(
+        backend,
+        TASKS,
+        [problem],
+        AgentConfig(max_steps=8, max_retries=1),
+        samples=[sample],
+        progress=False,
+        source=source,
+    )
     return c.to_dict()
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fclib.agent import AgentConfig, outcome_counts, run_chains, transcript
-from fclib.llm import Reply
+from fclib.backends import Reply
 from fclib.problems import Problem
 from fclib.tasks.gsm8k import TASK
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fclib.agent import OUTCOMES, AgentConfig, run_chains
-from fclib.llm import LocalBackend
+from fclib.backends.local import LocalBackend
 from fclib.tasks import gsm8k
 
 pytestmark = pytest.mark.slow

@@ -95,11 +95,24 @@ def jupyterlab(tmp_path):
     tracker.write_text(json.dumps({"windowingMode": "none"}))
     log = (tmp_path / "jupyterlab.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", *(["--allow-root"] * (os.geteuid() == 0))],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.port_retries=0",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            *(["--allow-root"] * (os.geteuid() == 0)),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc)
         yield {"url": f"http://127.0.0.1:{port}", "token": token, "root": root, "log": tmp_path / "jupyterlab.log"}
@@ -133,8 +146,11 @@ def test_notebook_01_runs_in_jupyterlab_in_a_real_browser(jupyterlab):
             page.goto(f"{lab['url']}/lab/tree/{NOTEBOOK}?token={lab['token']}")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
             # the notebook asks for the `fclib` kernel: it starts without a kernel-choice dialog
-            wait_until(lambda: any(x["kernel"]["execution_state"] == "idle" for x in get_json(sessions)),
-                       "the notebook's kernel to start", 120)  # fmt: skip
+            wait_until(
+                lambda: any(x["kernel"]["execution_state"] == "idle" for x in get_json(sessions)),
+                "the notebook's kernel to start",
+                120,
+            )
             kernels = [x["kernel"]["name"] for x in get_json(sessions)]
             assert page.locator(".jp-Dialog").count() == 0, "JupyterLab asked which kernel to use"
             page.locator(".lm-MenuBar-item", has_text="Run").first.click()
@@ -153,7 +169,9 @@ def test_notebook_01_runs_in_jupyterlab_in_a_real_browser(jupyterlab):
             errors = page.locator(ERROR_OUTPUT).count()
             page.locator(".jp-NotebookPanel .jp-Notebook").click()
             page.keyboard.press("Control+s")
-            wait_until(lambda: all(c.get("execution_count") for c in code_cells(saved)), "the browser to save the notebook", 60)
+            wait_until(
+                lambda: all(c.get("execution_count") for c in code_cells(saved)), "the browser to save the notebook", 60
+            )
         finally:
             browser.close()
 

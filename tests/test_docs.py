@@ -4,7 +4,11 @@ import re
 
 from fclib.runs import PROJECT_ROOT
 
-DOCS = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "docs" / "results.md", PROJECT_ROOT / "fclib" / "data" / "gsm8k" / "README.md"]
+DOCS = [
+    PROJECT_ROOT / "README.md",
+    PROJECT_ROOT / "docs" / "results.md",
+    PROJECT_ROOT / "fclib" / "data" / "gsm8k" / "README.md",
+]
 
 
 def test_every_relative_link_in_the_docs_points_to_a_file():

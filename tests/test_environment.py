@@ -48,7 +48,9 @@ def test_every_requirements_file_parses_with_pips_own_parser(tmp_path):
     assert pip_parse(PROJECT_ROOT / "requirements.txt") and pip_parse(PROJECT_ROOT / "requirements.lock")
     # environment.yml's pip section is a requirements file that conda hands to pip from the project folder
     shutil.copy(PROJECT_ROOT / "requirements.txt", tmp_path)
-    (tmp_path / "conda.requirements.txt").write_text("\n".join(conda_pip_lines(PROJECT_ROOT / "environment.yml")) + "\n")
+    (tmp_path / "conda.requirements.txt").write_text(
+        "\n".join(conda_pip_lines(PROJECT_ROOT / "environment.yml")) + "\n"
+    )
     parsed = pip_parse(tmp_path / "conda.requirements.txt")
     assert {canonicalize_name(Requirement(r.requirement).name) for r in parsed if not r.is_editable} == set(
         pins(PROJECT_ROOT / "requirements.txt")
@@ -73,7 +75,9 @@ def test_the_lock_matches_this_environment():
     """What .venv has installed is what the lock says (local version labels such as +cpu aside)."""
     installed = {canonicalize_name(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
     locked = pins(PROJECT_ROOT / "requirements.lock")
-    differ = {name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version}
+    differ = {
+        name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version
+    }
     assert not differ, f"installed packages differ from requirements.lock (run scripts/setup.sh): {differ}"
 
 
@@ -92,7 +96,9 @@ def test_every_locked_package_runs_on_the_oldest_python_the_project_supports():
         name, needs = canonicalize_name(dist.metadata["Name"]), dist.metadata.get("Requires-Python")
         if name in locked and needs and oldest not in SpecifierSet(needs):
             too_new[name] = needs
-    assert not too_new, f"locked packages that Python {oldest} cannot install (run PYTHON=<oldest> scripts/lock.sh): {too_new}"
+    assert not too_new, (
+        f"locked packages that Python {oldest} cannot install (run PYTHON=<oldest> scripts/lock.sh): {too_new}"
+    )
 
 
 def notebook_imports() -> set[str]:
@@ -101,7 +107,9 @@ def notebook_imports() -> set[str]:
         for cell in json.loads(nb.read_text())["cells"]:
             if cell["cell_type"] != "code":
                 continue
-            source = "\n".join(line for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!")))
+            source = "\n".join(
+                line for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!"))
+            )
             for node in ast.walk(ast.parse(source)):
                 if isinstance(node, ast.Import):
                     modules |= {a.name.split(".")[0] for a in node.names}
@@ -115,7 +123,9 @@ def test_every_package_a_notebook_imports_is_a_direct_pinned_dependency():
     providers = metadata.packages_distributions()
     imported = notebook_imports()
     assert {"pandas", "matplotlib", "IPython"} <= imported
-    missing = {m: providers.get(m) for m in imported if not {canonicalize_name(d) for d in providers.get(m, [])} & set(direct)}
+    missing = {
+        m: providers.get(m) for m in imported if not {canonicalize_name(d) for d in providers.get(m, [])} & set(direct)
+    }
     assert not missing, f"notebooks import packages that requirements.txt does not pin: {missing}"
     assert "ipywidgets" in direct  # progress bars render as widgets in JupyterLab
 

@@ -11,9 +11,16 @@ from fclib.problems import Problem
 
 
 def rec(label, pid, outcome, task="fol", sample=0, calls=None, answer_correct=None, final_answer=None):
-    return {"source": label, "problem_id": pid, "task": task, "sample": sample, "outcome": outcome,
-            "calls": calls or [], "answer_correct": outcome == "correct" if answer_correct is None else answer_correct,
-            "final_answer": final_answer}  # fmt: skip
+    return {
+        "source": label,
+        "problem_id": pid,
+        "task": task,
+        "sample": sample,
+        "outcome": outcome,
+        "calls": calls or [],
+        "answer_correct": outcome == "correct" if answer_correct is None else answer_correct,
+        "final_answer": final_answer,
+    }
 
 
 def test_wilson_interval_matches_the_formula():
@@ -71,26 +78,40 @@ def test_taxonomy_rates_and_sizes():
         {"kind": "invalid_call", "error": "predicate must be one of 'red', 'blue'; got 'x'"},
         {"kind": "function_error", "error": "division by zero"},
     ]
-    assert [call_error(c) for c in calls_bad] == ["parse failure", "unknown function", "wrong arguments",
-                                                  "bad argument value", "function error"]  # fmt: skip
-    records = [rec("base", "a", "correct", calls=calls_ok), rec("base", "b", "invalid_call", calls=calls_bad),
-               rec("base", "c", "wrong_answer", answer_correct=True, calls=calls_ok),
-               rec("base", "d", "max_steps", calls=calls_ok)]  # fmt: skip
+    assert [call_error(c) for c in calls_bad] == [
+        "parse failure",
+        "unknown function",
+        "wrong arguments",
+        "bad argument value",
+        "function error",
+    ]
+    records = [
+        rec("base", "a", "correct", calls=calls_ok),
+        rec("base", "b", "invalid_call", calls=calls_bad),
+        rec("base", "c", "wrong_answer", answer_correct=True, calls=calls_ok),
+        rec("base", "d", "max_steps", calls=calls_ok),
+    ]
     problems = [Problem(pid, "fol", "q", True, {"n": n}) for pid, n in zip("abcd", (2, 2, 5, 5))]
     m = metrics(records, problems)["models"]["base"]["fol"]
     assert (m["accuracy"], m["n"], m["answer_accuracy"]) == (0.25, 4, 0.5)
     assert m["valid_call_rate"] == pytest.approx(7 / 11)  # ok and function_error calls are well formed
     assert m["mean_calls"] == pytest.approx(11 / 4) and m["answered"] == 0.5
     assert m["outcomes"]["max_steps"] == 1 and m["call_errors"]["unknown function"] == 1
-    assert m["by_size"] == {"2": {"accuracy": 0.5, "n": 2, "ci95": list(wilson(1, 2))},
-                            "5": {"accuracy": 0.0, "n": 2, "ci95": list(wilson(0, 2))}}  # fmt: skip
+    assert m["by_size"] == {
+        "2": {"accuracy": 0.5, "n": 2, "ci95": list(wilson(1, 2))},
+        "5": {"accuracy": 0.0, "n": 2, "ci95": list(wilson(0, 2))},
+    }
 
 
 def test_pass_at_k_and_majority_vote():
     assert pass_at_k(4, 0, 4) == 0 and pass_at_k(4, 1, 4) == 1 and pass_at_k(5, 1, 2) == pytest.approx(0.4)
-    records = [rec("base", "a", o, sample=s, final_answer=v, answer_correct=ok, task="gsm8k")
-               for s, (o, v, ok) in enumerate([("correct", 3, True), ("wrong_answer", 4, False), ("correct", 3, True)])]
-    records += [rec("base", "b", "wrong_answer", sample=s, final_answer=9, answer_correct=False, task="gsm8k") for s in range(3)]
+    records = [
+        rec("base", "a", o, sample=s, final_answer=v, answer_correct=ok, task="gsm8k")
+        for s, (o, v, ok) in enumerate([("correct", 3, True), ("wrong_answer", 4, False), ("correct", 3, True)])
+    ]
+    records += [
+        rec("base", "b", "wrong_answer", sample=s, final_answer=9, answer_correct=False, task="gsm8k") for s in range(3)
+    ]
     m = metrics(records)["models"]["base"]["gsm8k"]
     assert m["samples_per_problem"] == 3 and m["pass@3"] == 0.5 and m["majority_vote_answer_accuracy"] == 0.5
 
@@ -105,3 +126,32 @@ def test_report_reads_on_its_own(tmp_path):
     assert "| dpo | fol | 60.0% (" in text and "| base | fol | 30.0% (" in text
     assert "exact McNemar p = 0.25" in text and "not significant" in text
     assert "![eval_accuracy](figures/eval_accuracy.png)" in text and "run_name: t" in text
+
+
+def test_the_error_taxonomy_reads_codes_not_messages():
+    """Each failed call carries a code; the taxonomy is the one the messages gave; rewording them changes nothing."""
+    from fclib.agent import AgentConfig, run_chains
+    from fclib.backends.scripted import ScriptedBackend
+    from fclib.evaluate import _code_of_old_record
+    from fclib.tasks import TASKS, fol, gsm8k
+
+    bad = [
+        "f(",
+        "nosuch(a=1)",
+        "add(1, 2, 3)",
+        "add(a=1, c=2)",
+        "add(a=1)",
+        "add(a=1, b='x')",
+        "divide(a=1, b=0)",
+        "add(a=1e300, b=1e300)",
+        "logical_and(a=[True], b=[True, False])",
+        "holds(predicate=3, individual='x')",
+    ]
+    problems = [fol.generate(1, seed=3, nmax=4)[0], gsm8k.Problem("g", "gsm8k", "q", 1.0, {"solution": "#### 1"})]
+    backend = ScriptedBackend({p.question: bad for p in problems})
+    chains = run_chains(backend, TASKS, problems, AgentConfig(max_steps=len(bad), max_retries=len(bad)), progress=False)
+    calls = [c for chain in chains for c in chain.to_dict()["calls"] if c["kind"] != "ok"]
+    assert len({c["code"] for c in calls}) == 5  # every code occurs
+    for c in calls:
+        assert c["code"] == _code_of_old_record(c), c  # the same class the message matching gave
+        assert call_error({**c, "error": "reworded"}) == call_error(c)

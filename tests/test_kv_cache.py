@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fclib.kv_cache import buffer_layer, common_prefix, use_gqa_sdpa
-from fclib.llm import GenerationSettings, LocalBackend
+from fclib.backends import GenerationSettings
+from fclib.backends.local import LocalBackend
+from fclib.fast.kv_cache import buffer_layer, common_prefix, use_gqa_sdpa
 from fclib.models import tiny_model
 
 SYSTEM = "You answer questions by calling functions. " * 12  # a shared prefix well over 64 tokens
@@ -19,7 +20,10 @@ def _run_chains(backend: LocalBackend, turns: int = 3) -> list[list[str]]:
     for turn in range(turns):
         for i, reply in enumerate(backend.chat(conversations, settings)):
             replies[i].append(reply.text)
-            conversations[i] += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": f"Result: {turn}"}]
+            conversations[i] += [
+                {"role": "assistant", "content": reply.text},
+                {"role": "user", "content": f"Result: {turn}"},
+            ]
     return replies
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from fclib import pipeline
 from fclib.agent import AgentConfig
+from fclib.backends.scripted import ScriptedBackend
+from fclib.chains import DamagedLedger, generate, read_chains
 from fclib.evaluate import run_failures, write_report
-from fclib.generate import DamagedLedger, generate, read_chains
-from fclib.llm import ScriptedBackend
 from fclib.pairs import load_pairs, read_pairs
 from fclib.problems import read_problems, write_problems
 from fclib.runs import BadLine
@@ -33,15 +33,37 @@ def _chain_lines() -> list[dict]:
 
 
 def _step_lines() -> list[dict]:
-    return [{"source": "teacher", "problem_id": p.id, "task": "fol", "sample": 0, "reference_source": "reference",
-             "reference_sample": 0, "turn": 3, "step": 0, "model": "m", "text": "answer(value=True)",
-             "verdict": "other_function", "function": "answer", "error": "", "usage": {}} for p in PROBLEMS]  # fmt: skip
+    return [
+        {
+            "source": "teacher",
+            "problem_id": p.id,
+            "task": "fol",
+            "sample": 0,
+            "reference_source": "reference",
+            "reference_sample": 0,
+            "turn": 3,
+            "step": 0,
+            "model": "m",
+            "text": "answer(value=True)",
+            "verdict": "other_function",
+            "function": "answer",
+            "error": "",
+            "usage": {},
+        }
+        for p in PROBLEMS
+    ]
 
 
 def _pair_lines() -> list[dict]:
-    return [{"problem_id": p.id, "prompt": [{"role": "user", "content": p.question}],
-             "chosen": [{"role": "assistant", "content": "answer(value=True)"}],
-             "rejected": [{"role": "assistant", "content": "look()"}]} for p in PROBLEMS]  # fmt: skip
+    return [
+        {
+            "problem_id": p.id,
+            "prompt": [{"role": "user", "content": p.question}],
+            "chosen": [{"role": "assistant", "content": "answer(value=True)"}],
+            "rejected": [{"role": "assistant", "content": "look()"}],
+        }
+        for p in PROBLEMS
+    ]
 
 
 RECORDS = {
@@ -131,22 +153,32 @@ def test_a_damaged_chain_line_stops_the_resume_or_is_set_aside_and_redone(tmp_pa
     side = tmp_path / "chains.jsonl.damaged"
     assert side.read_bytes() == lines[1] + b"\n"  # kept byte for byte, for inspection
     stored, left_out = read_chains(path)
-    assert left_out == 0 and sorted(stored, key=lambda r: r["problem_id"]) == sorted(again, key=lambda r: r["problem_id"])
+    assert left_out == 0 and sorted(stored, key=lambda r: r["problem_id"]) == sorted(
+        again, key=lambda r: r["problem_id"]
+    )
 
 
 def test_the_report_counts_what_failed_or_was_left_out(tmp_path):
     (tmp_path / "chains").mkdir()
-    (tmp_path / "chains" / "summary.json").write_text(json.dumps({
-        "outcomes": {"teacher": {"fol": {"correct": 3, "error": 2}}, "reference": {"fol": {"error": 5}}},
-        "step_replies_failed": 4}))  # fmt: skip
-    (tmp_path / "chains" / "chains.jsonl.cut").write_text("{\"a\n")
+    (tmp_path / "chains" / "summary.json").write_text(
+        json.dumps(
+            {
+                "outcomes": {"teacher": {"fol": {"correct": 3, "error": 2}}, "reference": {"fol": {"error": 5}}},
+                "step_replies_failed": 4,
+            }
+        )
+    )
+    (tmp_path / "chains" / "chains.jsonl.cut").write_text('{"a\n')
     (tmp_path / "pairs").mkdir()
     (tmp_path / "pairs" / "stats.json").write_text(json.dumps({"ledger_lines_left_out": 1}))
     failures = run_failures(tmp_path, left_out_here=3)
     assert list(failures.values()) == [2, 4, 1, 3, 1]
     m = {"models": {}, "paired": {}}
     text = write_report(tmp_path, m, {"run_name": "x"}, failures=failures).read_text()
-    assert "## What failed or was left out" in text and "teacher step requests that failed (asked again on the next run): 4" in text
+    assert (
+        "## What failed or was left out" in text
+        and "teacher step requests that failed (asked again on the next run): 4" in text
+    )
     assert "lines kept aside in chains/chains.jsonl.cut: 1" in text
     clean = write_report(tmp_path, m, {}, failures={k: 0 for k in failures}).read_text()
     assert "Nothing: every request was answered" in clean
@@ -179,15 +211,18 @@ def _edit(folder: Path, old: str, new: str) -> int:
     return n + 1
 
 
-@pytest.mark.parametrize("old, new, words", [
-    ("k:", "k: two", "parameter k must be int, got 'two'"),
-    ("k:", "k: null", "parameter k must be int, got null"),
-    ("temperature:", "temperature: hot", "parameter temperature must be a number"),
-    ("reference_chains:", "reference_chains: 1", "parameter reference_chains must be bool"),
-    ("k:", "kk: 2", "unknown parameter 'kk' (did you mean 'k'?)"),
-    ("k:", "k: [1, 2", "not valid YAML"),
-    ("k:", "k: 2\nk: 3", "parameter 'k' is set twice"),
-])
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ("k:", "k: two", "parameter k must be int, got 'two'"),
+        ("k:", "k: null", "parameter k must be int, got null"),
+        ("temperature:", "temperature: hot", "parameter temperature must be a number"),
+        ("reference_chains:", "reference_chains: 1", "parameter reference_chains must be bool"),
+        ("k:", "kk: 2", "unknown parameter 'kk' (did you mean 'k'?)"),
+        ("k:", "k: [1, 2", "not valid YAML"),
+        ("k:", "k: 2\nk: 3", "parameter 'k' is set twice"),
+    ],
+)
 def test_a_bad_profile_line_is_named(profiles, old, new, words):
     n = _edit(profiles, old, new)
     with pytest.raises(SystemExit) as refused:

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from fclib.pairs import build_pairs, load_pairs, save_pairs, verified
+from fclib.chains import verified
+from fclib.pairs import build_pairs, load_pairs, save_pairs
 from fclib.tasks import fol, gsm8k, reference_script
 from tests.helpers import fol_chains, scripted_chain
 
@@ -64,7 +65,7 @@ def test_reference_as_chosen_only_when_asked(fol_problems):
     p = fol_problems[0]
     ref = reference_script(p)
     records = [scripted_chain(p, [ref[0], "look()", "look()"], 0), scripted_chain(p, ref, 0, source="reference")]
-    assert build_pairs(records, strategy="all").stats["train_pairs"] == 0
+    assert build_pairs(records, strategy="all", use_reference=False).stats["train_pairs"] == 0
     with_ref = build_pairs(records, strategy="all", use_reference=True, validation_share=0)
     assert [pair["chosen_source"] for pair in with_ref.train] == ["reference"]
     assert with_ref.stats["per_task"]["fol"]["chosen_from_reference"] == 1
@@ -108,7 +109,7 @@ def test_rendered_with_the_student_template_every_turn_survives(records):
             for side in ("chosen", "rejected"):
                 full = tok.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
                 assert full.startswith(prompt)
-                completion = full[len(prompt):]
+                completion = full[len(prompt) :]
                 for m in pair[side]:
                     assert m["content"] in completion  # every call and every result turn
                 assert pair[f"{side}_tokens"] > 0
@@ -137,10 +138,24 @@ def test_dpo_trainer_accepts_the_saved_dataset(records, tmp_path):
     save_pairs(build_pairs(records, strategy="first_divergence", validation_share=0.25), tmp_path / "pairs")
     data = load_pairs(tmp_path / "pairs")
     model, tok = tiny_model()  # a fresh one: PEFT wraps the model in place
-    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, bf16=False,
-                     report_to=[], logging_steps=1, save_strategy="no", use_cpu=True)  # fmt: skip
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-                         processing_class=tok, peft_config=LoraConfig(r=4, target_modules="all-linear"))  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
     result = trainer.train()
     assert result.global_step == 1 and math.isfinite(result.training_loss)
     assert json.dumps(trainer.state.log_history)  # serialisable
@@ -150,20 +165,47 @@ def test_step_pairs_take_the_reference_turn_against_a_failed_reply():
     p = fol.generate(1, seed=0, nmax=4)[0]
     ref = scripted_chain(p, reference_script(p), 0, source="reference")
     bad = scripted_chain(p, [reference_script(p)[0], "look()", "look()"], 0)  # whole chain: diverges at step 1
+
     def step(turn, sample, text, verdict):
-        return {"source": "teacher", "problem_id": p.id, "task": "fol", "sample": sample, "reference_source": "reference",
-                "reference_sample": 0, "turn": turn, "step": (turn - ref["n_prompt"]) // 2, "text": text, "verdict": verdict}
+        return {
+            "source": "teacher",
+            "problem_id": p.id,
+            "task": "fol",
+            "sample": sample,
+            "reference_source": "reference",
+            "reference_sample": 0,
+            "turn": turn,
+            "step": (turn - ref["n_prompt"]) // 2,
+            "text": text,
+            "verdict": verdict,
+        }
+
     n = ref["n_prompt"]
-    steps = [step(n + 4, 0, "answer(value=False)", "wrong_answer"), step(n, 1, "answer(value=True)", "other_function"),
-             step(n + 2, 2, "exists(values=[True, False, False])", "same"), step(n + 2, 3, "exists(values=[True])", "same_function")]
+    steps = [
+        step(n + 4, 0, "answer(value=False)", "wrong_answer"),
+        step(n, 1, "answer(value=True)", "other_function"),
+        step(n + 2, 2, "exists(values=[True, False, False])", "same"),
+        step(n + 2, 3, "exists(values=[True])", "same_function"),
+    ]
     pairs = build_pairs([ref, bad], strategy="first_divergence", use_reference=True, validation_share=0, steps=steps)
     by_strategy = {(q["strategy"], q["call"]): q for q in pairs.train}
-    assert set(by_strategy) == {("first_divergence", 2), ("step", 3), ("step", 1)}  # 'same' and 'same_function' are no pairs
+    assert set(by_strategy) == {
+        ("first_divergence", 2),
+        ("step", 3),
+        ("step", 1),
+    }  # 'same' and 'same_function' are no pairs
     last = by_strategy[("step", 3)]
     assert last["prompt"] == ref["messages"][: n + 4] and last["chosen"] == [ref["messages"][n + 4]]
     assert last["rejected"] == [{"role": "assistant", "content": "answer(value=False)"}]
-    assert (last["rejected_source"], last["rejected_outcome"], last["chosen_source"]) == ("teacher-step", "wrong_answer", "reference")
+    assert (last["rejected_source"], last["rejected_outcome"], last["chosen_source"]) == (
+        "teacher-step",
+        "wrong_answer",
+        "reference",
+    )
     assert pairs.stats["step_pairs"] == 2 and pairs.stats["train_pairs_by_call"] == {"1": 1, "2": 1, "3": 1}
     # step pairs alone make a problem usable, and share the cap with the whole-chain pairs
     assert len(build_pairs([ref], use_reference=True, validation_share=0, steps=steps).train) == 2
-    assert len(build_pairs([ref, bad], max_pairs_per_problem=2, use_reference=True, validation_share=0, steps=steps).train) == 2
+    assert (
+        len(build_pairs([ref, bad], max_pairs_per_problem=2, use_reference=True, validation_share=0, steps=steps).train)
+        == 2
+    )

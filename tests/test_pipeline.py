@@ -10,14 +10,17 @@ import pytest
 import yaml
 
 from fclib import pipeline
-from fclib.generate import STEP_VERDICTS
-from fclib.pairs import REJECTED_VERDICTS
 from fclib.problems import read_problems
 from fclib.runs import PROJECT_ROOT
+from fclib.teacher import REJECTED_VERDICTS, STEP_VERDICTS
 
 
 def test_profiles_parse_and_share_their_parameters():
-    cpu, smoke, workshop = pipeline.load_profile("cpu"), pipeline.load_profile("smoke"), pipeline.load_profile("workshop")
+    cpu, smoke, workshop = (
+        pipeline.load_profile("cpu"),
+        pipeline.load_profile("smoke"),
+        pipeline.load_profile("workshop"),
+    )
     paper = pipeline.load_profile("paper", {"teacher_url": "https://api.example.org/v1", "teacher": "big"})
     assert set(cpu) == set(smoke) == set(paper) == set(workshop)
     assert cpu["student"] == workshop["student"] == "embedded" and smoke["student"] == "tiny"
@@ -94,15 +97,32 @@ def test_notebook_profile_applies_only_when_asked(monkeypatch):
     assert namespace == {"run_name": "smoke", "k": 2, "local": 1}
 
 
-CHAIN_FIELDS = {"problem_id", "task", "sample", "model", "source", "messages", "calls", "final_answer", "correct",
-                "outcome", "usage", "latency_s"}  # fmt: skip
+CHAIN_FIELDS = {
+    "problem_id",
+    "task",
+    "sample",
+    "model",
+    "source",
+    "messages",
+    "calls",
+    "final_answer",
+    "correct",
+    "outcome",
+    "usage",
+    "latency_s",
+}
 
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
     env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--run-name", "t1"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--run-name", "t1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "t1"
     assert f"are in {run}" in proc.stdout
@@ -139,7 +159,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     references = {c["problem_id"]: c for c in chains if c["source"] == "reference"}
     # one teacher reply (step_samples: 1) at every call of every reference chain
     assert sorted((s["problem_id"], s["step"]) for s in steps) == sorted(
-        (pid, i) for pid, c in references.items() for i in range(sum(m["role"] == "assistant" for m in c["messages"][c["n_prompt"]:])))
+        (pid, i)
+        for pid, c in references.items()
+        for i in range(sum(m["role"] == "assistant" for m in c["messages"][c["n_prompt"] :]))
+    )
     assert all(s["verdict"] in STEP_VERDICTS for s in steps)
 
     stats = json.loads((run / "pairs" / "stats.json").read_text())
@@ -168,7 +191,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert all(any(c.get("outputs") for c in json.loads(p.read_text())["cells"]) for p in published)
     report = (run / "report.md").read_text()
     assert "| dpo | fol |" in report and "McNemar" in report
-    for name in ("training_curves", "margins_before_after", "pair_lengths", "pair_calls", "eval_accuracy", "eval_outcomes"):
+    for name in (
+        "training_curves",
+        "margins_before_after",
+        "pair_lengths",
+        "pair_calls",
+        "eval_accuracy",
+        "eval_outcomes",
+    ):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name
 
 

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fclib.agent import OUTCOMES, AgentConfig, run_chains
-from fclib.generate import generate, read_chains
-from fclib.llm import Reply, ScriptedBackend
+from fclib.backends import Reply
+from fclib.backends.scripted import ScriptedBackend
+from fclib.chains import generate, read_chains
 from fclib.protocol import CallSyntaxError, ParsedCall, parse_call
 from fclib.runs import jsonl_line
 from fclib.tasks import TASKS, fol, reference_script
@@ -29,10 +30,49 @@ EXAMPLES = settings(max_examples=500, deadline=None, suppress_health_check=[Heal
 FEW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())  # every code point, lone surrogates included
-FRAGMENTS = ["add(", "answer(", "truth_values(", "exists(", "final_answer(", "жadd(", "f(", "(", ")", "[", "]", "a=", "b=",
-             "value=", "predicate=", "values=", "1", "-2", "3.5", "1e308", "True", "None", "'x'", '"y"', "'", '"', "\\",
-             ", ", "\n", "```python\n", "```", ".", "__import__('os')", "lambda: 1", "**", "*", "é", "\udcff", "\x00",
-             " ", "it's "]  # fmt: skip
+FRAGMENTS = [
+    "add(",
+    "answer(",
+    "truth_values(",
+    "exists(",
+    "final_answer(",
+    "жadd(",
+    "f(",
+    "(",
+    ")",
+    "[",
+    "]",
+    "a=",
+    "b=",
+    "value=",
+    "predicate=",
+    "values=",
+    "1",
+    "-2",
+    "3.5",
+    "1e308",
+    "True",
+    "None",
+    "'x'",
+    '"y"',
+    "'",
+    '"',
+    "\\",
+    ", ",
+    "\n",
+    "```python\n",
+    "```",
+    ".",
+    "__import__('os')",
+    "lambda: 1",
+    "**",
+    "*",
+    "é",
+    "\udcff",
+    "\x00",
+    " ",
+    "it's ",
+]
 CALL_SHAPED = st.lists(st.sampled_from(FRAGMENTS) | st.text(ANY_CHAR, max_size=3), max_size=40).map("".join)
 REPLIES = st.text(ANY_CHAR, max_size=300) | CALL_SHAPED
 PLAIN = (bool, int, float, str, type(None))
@@ -129,8 +169,9 @@ PROBLEM = fol.generate(1, seed=11, nmax=4, split="train")[0]
 @given(texts=st.lists(REPLIES, min_size=1, max_size=6))
 def test_the_agent_ends_every_chain_with_a_named_outcome_and_records_round_trip(texts):
     with nothing_evaluated():
-        chains = run_chains(Replies(texts), TASKS, [PROBLEM], AgentConfig(max_steps=5, max_retries=2), samples=2,
-                            progress=False)  # fmt: skip
+        chains = run_chains(
+            Replies(texts), TASKS, [PROBLEM], AgentConfig(max_steps=5, max_retries=2), samples=2, progress=False
+        )
     for chain in chains:
         assert chain.outcome in OUTCOMES
         record = chain.to_dict()

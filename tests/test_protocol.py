@@ -81,7 +81,11 @@ def test_deep_nesting_is_refused():
 
 def test_nothing_is_evaluated(tmp_path):
     marker = tmp_path / "pwned"
-    for text in (f"__import__('pathlib').Path('{marker}').touch()", f"open('{marker}', 'w')", f"exec('open(\"{marker}\",\"w\")')"):
+    for text in (
+        f"__import__('pathlib').Path('{marker}').touch()",
+        f"open('{marker}', 'w')",
+        f'exec(\'open("{marker}","w")\')',
+    ):
         try:
             parse_call(text, KNOWN)
         except CallSyntaxError:
@@ -90,7 +94,9 @@ def test_nothing_is_evaluated(tmp_path):
 
 
 def test_native_tool_calls_go_through_the_same_path():
-    call = from_tool_call({"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}})
+    call = from_tool_call(
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    )
     assert (call.name, call.kwargs, call.text) == ("add", {"a": 2, "b": 3}, "add(a=2, b=3)")
     with pytest.raises(CallSyntaxError, match="not valid JSON"):
         from_tool_call({"function": {"name": "add", "arguments": "{a: 2"}})

@@ -57,8 +57,12 @@ def test_fol_generation_is_seeded_and_splits_differ():
 
 
 def test_fol_question_in_words_and_symbols():
-    p = fol.make_problem("x", ["ann", "bob"], {"red": ["ann"], "round": ["ann", "bob"]},
-                         ["forall", ["implies", ["atom", "red"], ["atom", "round"]]])
+    p = fol.make_problem(
+        "x",
+        ["ann", "bob"],
+        {"red": ["ann"], "round": ["ann", "bob"]},
+        ["forall", ["implies", ["atom", "red"], ["atom", "round"]]],
+    )
     assert "for every individual x, if x is red then x is round" in p.question
     assert "∀x (red(x) → round(x))" in p.question
     assert p.answer is True
@@ -95,8 +99,15 @@ def test_fol_functions_refuse_bad_arguments():
 
 @pytest.mark.parametrize(
     "text, value",
-    [("#### 72", 72), ("#### 1,234", 1234), ("#### $5", 5), ("#### -3", -3), ("#### 2.5", 2.5), ("#### .5", 0.5),
-     ("#### $-1,000.25", -1000.25)],
+    [
+        ("#### 72", 72),
+        ("#### 1,234", 1234),
+        ("#### $5", 5),
+        ("#### -3", -3),
+        ("#### 2.5", 2.5),
+        ("#### .5", 0.5),
+        ("#### $-1,000.25", -1000.25),
+    ],
 )
 def test_gsm8k_gold_answer(text, value):
     assert gsm8k.gold_answer("some work\n" + text) == value
@@ -172,8 +183,14 @@ def test_the_project_needs_nothing_beside_its_folder(tmp_path):
         "print(json.dumps([fclib.__file__, gsm8k.default_source(), len(train), len(test)]))"
     )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=copy, env={**env, "PYTHONPATH": str(copy)},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=copy,
+        env={**env, "PYTHONPATH": str(copy)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     module, source, n_train, n_test = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(module).is_relative_to(copy) and Path(source).is_relative_to(copy)

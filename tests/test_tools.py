@@ -33,7 +33,13 @@ def test_openai_schema():
 
 @pytest.mark.parametrize(
     "text, value",
-    [("add(a=2, b=-3)", -1), ("add(2, 3)", 5), ("divide(a=7, b=2)", 3.5), ("power(a=2, b=10)", 1024), ("remainder(17, 5)", 2)],
+    [
+        ("add(a=2, b=-3)", -1),
+        ("add(2, 3)", 5),
+        ("divide(a=7, b=2)", 3.5),
+        ("power(a=2, b=10)", 1024),
+        ("remainder(17, 5)", 2),
+    ],
 )
 def test_valid_calls_run(text, value):
     ex = run(text)
@@ -68,8 +74,14 @@ def test_bad_calls_become_messages(text, kind, message):
 
 
 def test_int_params_accept_integral_floats_and_choices_are_enforced():
-    f = Function("pick", "Pick.", (Param("n", int, minimum=0), Param("who", str, choices=("ann", "bob"))),
-                 lambda n, who: f"{who}{n}", (Example({"n": 1, "who": "ann"}),), final=True)
+    f = Function(
+        "pick",
+        "Pick.",
+        (Param("n", int, minimum=0), Param("who", str, choices=("ann", "bob"))),
+        lambda n, who: f"{who}{n}",
+        (Example({"n": 1, "who": "ann"}),),
+        final=True,
+    )
     ts = Toolset([f])
     assert ts.execute(ParsedCall("pick", (), {"n": 2.0, "who": "bob"})).value == "bob2"
     assert "integer" in ts.execute(ParsedCall("pick", (), {"n": 2.5, "who": "bob"})).error

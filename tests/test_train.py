@@ -151,7 +151,8 @@ def test_qlora_4bit_on_cuda(pairs_dir, tmp_path):
 
 @pytest.mark.slow
 def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tmp_path):
-    from fclib.train import completion_only_scoring, make_trainer
+    from fclib.fast.completion_scoring import completion_only_scoring
+    from fclib.train import make_trainer
 
     results = []
     for compact in (False, True):
@@ -175,7 +176,7 @@ def test_completion_only_scoring_gives_the_same_loss_and_gradients(pairs_dir, tm
 
 
 def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
-    from fclib.train import shared_prompt_prefix
+    from fclib.fast.prefix_sharing import shared_prompt_prefix
 
     model, _ = tiny
     backbone = model.base_model
@@ -185,8 +186,15 @@ def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
         return torch.randint(10, model.config.vocab_size, (n,), generator=g)
 
     a, b, p = tokens(80), tokens(90), tokens(30)  # two tasks' prefixes, one pair's prompt; row 4 shares nothing
-    rows = [torch.cat([a, tokens(20)]), torch.cat([b, tokens(15)]), torch.cat([a, tokens(30)]), torch.cat([b, tokens(5)]),
-            tokens(40), torch.cat([a, p]), torch.cat([a, p, tokens(2)])]  # fmt: skip  # row 5 is a prefix of row 6
+    rows = [
+        torch.cat([a, tokens(20)]),
+        torch.cat([b, tokens(15)]),
+        torch.cat([a, tokens(30)]),
+        torch.cat([b, tokens(5)]),
+        tokens(40),
+        torch.cat([a, p]),
+        torch.cat([a, p, tokens(2)]),
+    ]  # row 5 is a prefix of row 6
     width = max(len(r) for r in rows)
     ids = torch.stack([torch.cat([r, torch.zeros(width - len(r), dtype=torch.long)]) for r in rows])
     mask = torch.stack([(torch.arange(width) < len(r)).long() for r in rows])
@@ -198,7 +206,9 @@ def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         assert hidden.shape == (7, width, model.config.hidden_size)
         hidden[mask.bool()].pow(2).sum().backward()
-        results.append((hidden[mask.bool()].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        results.append(
+            (hidden[mask.bool()].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
     hook.remove()
     # task a's prefix, then the pair's prompt once (but the last token of row 5) and the rest of both rows, then a's
     # other rows; task b; row 4 alone
@@ -212,7 +222,7 @@ def test_shared_prompt_prefix_groups_rows_and_skips_padding(tiny):
 def test_shared_prompt_prefix_reuses_the_frozen_base_prefix_only(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from fclib.train import shared_prompt_prefix
+    from fclib.fast.prefix_sharing import shared_prompt_prefix
 
     base, _ = tiny
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -244,10 +254,14 @@ def test_shared_prompt_prefix_reuses_the_frozen_base_prefix_only(tiny):
 
 @pytest.mark.slow
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(pairs_dir, tmp_path):
-    from fclib.train import completion_only_scoring, make_trainer, shared_prompt_prefix
+    from fclib.fast.completion_scoring import completion_only_scoring
+    from fclib.fast.prefix_sharing import shared_prompt_prefix
+    from fclib.train import make_trainer
 
     with completion_only_scoring():
-        trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0, "quantization": "none"}))
+        trainer = make_trainer(
+            pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0, "quantization": "none"})
+        )
         batch = next(iter(trainer.get_train_dataloader()))  # fp32 on every device, so the comparison can be exact
         ids = batch["input_ids"]
         shared = int(((ids == ids[:1]).all(0) & batch["attention_mask"].bool().all(0)).long().cumprod(0).sum())
@@ -263,7 +277,9 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(pairs_dir, tmp_p
                 hook.remove()
             assert backbone.forward == original
             loss.backward()
-            results.append((float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+            results.append(
+                (float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+            )
     # without sharing: policy and reference each run the whole batch; with it, the task's prefix once (one row),
     # then each pair's prompt remainder once (one row), then the chosen and rejected completions (two rows)
     assert calls[:2] == [tuple(ids.shape)] * 2
@@ -295,8 +311,29 @@ def test_training_runs_alone_from_a_runs_parameters(pairs_dir, tmp_path):
     params = load_profile("smoke", {"run_name": "r1", "train_max_steps": 1, "train_batch_size": 2})
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fclib.train", "--run-name", "r1"], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "fclib.train", "--run-name", "r1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 1
     assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_training_speed_ups_can_be_switched_off(pairs_dir, tmp_path, monkeypatch):
+    import fclib.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a speed-up ran although switched off")
+
+    monkeypatch.setattr(fclib.train, "shared_prompt_prefix", refuse)
+    monkeypatch.setattr(fclib.train, "completion_only_scoring", refuse)
+    plain = TrainSettings(**{**FAST, "max_steps": 1, "share_prompt_prefix": False, "completion_only_scoring": False})
+    info = train(pairs_dir, tmp_path, plain)
+    assert info["global_step"] == 1 and math.isfinite(info["training_loss"])
+    assert info["settings"]["share_prompt_prefix"] is False

@@ -7,10 +7,11 @@ truth. `replay_references` runs those chains through the real agent and executor
 
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from collections.abc import Sequence
 
 from fclib.agent import AgentConfig, Chain, Task, run_chains
-from fclib.llm import ScriptedBackend
+from fclib.backends.scripted import ScriptedBackend
 from fclib.problems import Problem
 from fclib.protocol import format_call
 from fclib.tasks import fol, gsm8k
@@ -32,7 +33,9 @@ def replay_references(problems: Sequence[Problem], progress: bool = False) -> li
         try:
             scripts[p.question] = reference_script(p)
         except ValueError as e:
-            chains.append(Chain(p.id, p.task, 0, REFERENCE_MODEL, REFERENCE_MODEL, [], 0, outcome="error", reason=str(e)))
+            chains.append(
+                Chain(p.id, p.task, 0, REFERENCE_MODEL, REFERENCE_MODEL, [], 0, outcome="error", reason=str(e))
+            )
     have = [p for p in problems if p.question in scripts]
     steps = max((len(s) for s in scripts.values()), default=1)
     config = AgentConfig(max_steps=steps + 1, max_retries=0, max_chain_tokens=10**9)
@@ -47,7 +50,7 @@ def build_problems(
     fol_test: int,
     gsm8k_train: int,
     gsm8k_test: int,
-    nmax: int | Sequence[int] = 10,
+    nmax: int | Sequence[int] = 6,
     depth: int = 1,
     gsm8k_source: str | None = None,
 ) -> tuple[list[Problem], list[Problem]]:
@@ -56,15 +59,17 @@ def build_problems(
     FOL problems are generated for each `nmax` given; GSM8K problems are a seeded sample of
     the official train and test splits (`gsm8k_source`: a folder of JSONL files, or the hub).
     """
-    import random
 
     train: list[Problem] = []
     test: list[Problem] = []
     for n in [nmax] if isinstance(nmax, int) else list(nmax):
         train += fol.generate(fol_train, seed, nmax=n, depth=depth, split="train")
         seen = {p.question for p in train}
-        test += [p for p in fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
-                 if p.question not in seen][:fol_test]  # fmt: skip
+        test += [
+            p
+            for p in fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
+            if p.question not in seen
+        ][:fol_test]
     for split, count, out in (("train", gsm8k_train, train), ("test", gsm8k_test, test)):
         if count:  # a generator per split: the held-out sample does not depend on how many train problems there are
             pool = gsm8k.load(split, gsm8k_source)

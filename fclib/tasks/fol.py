@@ -21,7 +21,8 @@ on a True/False task half of all guesses are right.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
@@ -30,10 +31,33 @@ from fclib.tools import Example, Function, Param, ToolError, Toolset
 
 NAME = "fol"
 INDIVIDUALS = (
-    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
-    "kevin", "laura", "mike", "nina", "oscar", "peggy", "quinn", "rita", "sam", "tina",
-    "uma", "victor", "wendy", "xena", "yuri", "zoe",
-)  # fmt: skip
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "grace",
+    "heidi",
+    "ivan",
+    "judy",
+    "kevin",
+    "laura",
+    "mike",
+    "nina",
+    "oscar",
+    "peggy",
+    "quinn",
+    "rita",
+    "sam",
+    "tina",
+    "uma",
+    "victor",
+    "wendy",
+    "xena",
+    "yuri",
+    "zoe",
+)
 PREDICATES = ("red", "round", "heavy", "shiny", "small", "wooden", "old", "soft")
 LOGICAL = ("logical_not", "logical_and", "logical_or", "implies", "for_all", "exists")
 _BINARY = {"and": "logical_and", "or": "logical_or", "implies": "implies"}
@@ -128,7 +152,9 @@ def _sentence(rng: random.Random, preds: Sequence[str], depth: int) -> Formula:
     return ["not", quantified] if rng.random() < 0.2 else quantified
 
 
-def generate(count: int, seed: int, nmax: int = 10, depth: int = 1, n_predicates: int = 3, split: str = "train") -> list[Problem]:
+def generate(
+    count: int, seed: int, nmax: int = 6, depth: int = 1, n_predicates: int = 3, split: str = "train"
+) -> list[Problem]:
     """`count` seeded FOL problems with 2..nmax individuals, balanced between True and False."""
     if nmax < 2 or nmax > len(INDIVIDUALS):
         raise ValueError(f"nmax must be between 2 and {len(INDIVIDUALS)}, got {nmax}")
@@ -147,19 +173,29 @@ def generate(count: int, seed: int, nmax: int = 10, depth: int = 1, n_predicates
             value = truth(formula, world, people)
             if value == want:
                 break
-        problems.append(make_problem(f"fol-{split}-n{nmax}-d{depth}-{i:05d}", people, world, formula, nmax=nmax, depth=depth))
+        problems.append(
+            make_problem(f"fol-{split}-n{nmax}-d{depth}-{i:05d}", people, world, formula, nmax=nmax, depth=depth)
+        )
     return problems
 
 
-def make_problem(pid: str, individuals: Sequence[str], world: dict[str, list[str]], formula: Formula, **meta: Any) -> Problem:
+def make_problem(
+    pid: str, individuals: Sequence[str], world: dict[str, list[str]], formula: Formula, **meta: Any
+) -> Problem:
     """A FOL problem from its world and formula; the answer is computed here."""
     value = truth(formula, world, individuals)
     question = (
         f"The world has {len(individuals)} individuals and the predicates {', '.join(world)}. "
         f"Is the following statement true or false? In words: {words(formula)}. In symbols: {symbols(formula)}"
     )
-    meta = {"individuals": list(individuals), "world": {p: list(v) for p, v in world.items()}, "formula": formula,
-            "symbols": symbols(formula), "n": len(individuals), **meta}
+    meta = {
+        "individuals": list(individuals),
+        "world": {p: list(v) for p, v in world.items()},
+        "formula": formula,
+        "symbols": symbols(formula),
+        "n": len(individuals),
+        **meta,
+    }
     return Problem(pid, NAME, question, value, meta)
 
 
@@ -196,30 +232,81 @@ def toolset(problem: Problem) -> Toolset:
     b = Param("b", _BOOLS, "True/False or a list of them, like a")
     values = Param("values", list, "a list of True/False")
     ex_list = [True, False, True]
-    return Toolset([
-        Function("individuals", "List the individuals of the world, in order.", (), lambda: list(people),
-                 (Example({}, ["alice", "bob", "carol"]),)),
-        Function("truth_values", "Whether the predicate holds for each individual, in the order of individuals().",
-                 (pred,), lambda predicate: [x in world[predicate] for x in people],
-                 (Example({"predicate": "red"}, ex_list),)),
-        Function("holds", "Whether the predicate holds for one individual.", (pred, who),
-                 lambda predicate, individual: individual in world[predicate],
-                 (Example({"predicate": "red", "individual": "alice"}, True),)),
-        Function("logical_not", "Negation, element-wise on lists: not a.", (a,), _elementwise(lambda x: not x),
-                 (Example({"a": ex_list}),)),
-        Function("logical_and", "Conjunction, element-wise on lists: a and b.", (a, b), _elementwise(lambda x, y: x and y),
-                 (Example({"a": [True, True, False], "b": [True, False, False]}),)),
-        Function("logical_or", "Disjunction, element-wise on lists: a or b.", (a, b), _elementwise(lambda x, y: x or y),
-                 (Example({"a": [True, False, False], "b": [False, False, True]}),)),
-        Function("implies", "Implication, element-wise on lists: if a then b.", (a, b),
-                 _elementwise(lambda x, y: (not x) or y), (Example({"a": [True, True, False], "b": [True, False, False]}),)),
-        Function("for_all", "True when every value is True (the quantifier ∀).", (values,), lambda values: all(values),
-                 (Example({"values": [True, True, False]}),)),
-        Function("exists", "True when at least one value is True (the quantifier ∃).", (values,), lambda values: any(values),
-                 (Example({"values": [False, True, False]}),)),
-        Function("answer", "Give the final answer, True or False; this ends the chain.", (Param("value", bool, "the answer"),),
-                 lambda value: value, (Example({"value": True}),), final=True),
-    ])  # fmt: skip
+    return Toolset(
+        [
+            Function(
+                "individuals",
+                "List the individuals of the world, in order.",
+                (),
+                lambda: list(people),
+                (Example({}, ["alice", "bob", "carol"]),),
+            ),
+            Function(
+                "truth_values",
+                "Whether the predicate holds for each individual, in the order of individuals().",
+                (pred,),
+                lambda predicate: [x in world[predicate] for x in people],
+                (Example({"predicate": "red"}, ex_list),),
+            ),
+            Function(
+                "holds",
+                "Whether the predicate holds for one individual.",
+                (pred, who),
+                lambda predicate, individual: individual in world[predicate],
+                (Example({"predicate": "red", "individual": "alice"}, True),),
+            ),
+            Function(
+                "logical_not",
+                "Negation, element-wise on lists: not a.",
+                (a,),
+                _elementwise(lambda x: not x),
+                (Example({"a": ex_list}),),
+            ),
+            Function(
+                "logical_and",
+                "Conjunction, element-wise on lists: a and b.",
+                (a, b),
+                _elementwise(lambda x, y: x and y),
+                (Example({"a": [True, True, False], "b": [True, False, False]}),),
+            ),
+            Function(
+                "logical_or",
+                "Disjunction, element-wise on lists: a or b.",
+                (a, b),
+                _elementwise(lambda x, y: x or y),
+                (Example({"a": [True, False, False], "b": [False, False, True]}),),
+            ),
+            Function(
+                "implies",
+                "Implication, element-wise on lists: if a then b.",
+                (a, b),
+                _elementwise(lambda x, y: (not x) or y),
+                (Example({"a": [True, True, False], "b": [True, False, False]}),),
+            ),
+            Function(
+                "for_all",
+                "True when every value is True (the quantifier ∀).",
+                (values,),
+                lambda values: all(values),
+                (Example({"values": [True, True, False]}),),
+            ),
+            Function(
+                "exists",
+                "True when at least one value is True (the quantifier ∃).",
+                (values,),
+                lambda values: any(values),
+                (Example({"values": [False, True, False]}),),
+            ),
+            Function(
+                "answer",
+                "Give the final answer, True or False; this ends the chain.",
+                (Param("value", bool, "the answer"),),
+                lambda value: value,
+                (Example({"value": True}),),
+                final=True,
+            ),
+        ]
+    )
 
 
 # ---- checking and reference chains --------------------------------------------------------
@@ -285,9 +372,11 @@ INSTRUCTIONS = (
     "apply the quantifier with for_all or exists, then give the result with answer."
 )
 _DEMO_PROBLEM = make_problem(
-    "fol-demo", ["ann", "ben", "cat"], {"cold": ["ann", "cat"], "blue": ["ann", "ben"]},
+    "fol-demo",
+    ["ann", "ben", "cat"],
+    {"cold": ["ann", "cat"], "blue": ["ann", "ben"]},
     ["forall", ["implies", ["atom", "cold"], ["atom", "blue"]]],
-)  # fmt: skip
+)
 DEMO = demo_messages(
     _DEMO_PROBLEM.question,
     toolset(_DEMO_PROBLEM),

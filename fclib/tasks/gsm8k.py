@@ -14,8 +14,9 @@ import gzip
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
@@ -31,7 +32,9 @@ ABS_TOL = 1e-6
 _NUMBER = re.compile(r"-?\$?\s*-?[\d,]*\.?\d+")
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 # A plain equation written without annotation, e.g. "260 - 60 = 200" or "4 x 5 = $20".
-_PLAIN_EQUATION = re.compile(r"((?:\$?[\d.,]+|[()])(?:\s*(?:[-+*/x×÷]|\(|\))\s*(?:\$?[\d.,]+|[()]))+)\s*=\s*\$?\s*(-?[\d.,]+)")
+_PLAIN_EQUATION = re.compile(
+    r"((?:\$?[\d.,]+|[()])(?:\s*(?:[-+*/x×÷]|\(|\))\s*(?:\$?[\d.,]+|[()]))+)\s*=\s*\$?\s*(-?[\d.,]+)"
+)
 
 
 def _num(name: str, description: str) -> Param:
@@ -57,24 +60,66 @@ def _power(a: float, b: float) -> float:
 
 
 FUNCTIONS = (
-    Function("add", "Add two numbers: a + b.", (_num("a", "first term"), _num("b", "second term")),
-             lambda a, b: a + b, (Example({"a": 48, "b": 24}),)),
-    Function("subtract", "Subtract b from a: a - b.", (_num("a", "number to subtract from"), _num("b", "number to subtract")),
-             lambda a, b: a - b, (Example({"a": 100, "b": 35}),)),
-    Function("multiply", "Multiply two numbers: a * b.", (_num("a", "first factor"), _num("b", "second factor")),
-             lambda a, b: a * b, (Example({"a": 12, "b": 5}),)),
-    Function("divide", "Divide a by b: a / b.", (_num("a", "dividend"), _num("b", "divisor, not zero")),
-             _divide, (Example({"a": 48, "b": 2}),)),
-    Function("power", "Raise a to the power b: a ** b.",
-             (_num("a", "base"), Param("b", float, "exponent", minimum=-64, maximum=64)),
-             _power, (Example({"a": 2, "b": 3}),)),
-    Function("remainder", "Remainder of a divided by b: a % b.", (_num("a", "dividend"), _num("b", "divisor, not zero")),
-             _remainder, (Example({"a": 17, "b": 5}),)),
-    Function("final_answer", "Give the final numeric answer; this ends the solution.", (_num("value", "the answer"),),
-             lambda value: value, (Example({"value": 72}),), final=True),
+    Function(
+        "add",
+        "Add two numbers: a + b.",
+        (_num("a", "first term"), _num("b", "second term")),
+        lambda a, b: a + b,
+        (Example({"a": 48, "b": 24}),),
+    ),
+    Function(
+        "subtract",
+        "Subtract b from a: a - b.",
+        (_num("a", "number to subtract from"), _num("b", "number to subtract")),
+        lambda a, b: a - b,
+        (Example({"a": 100, "b": 35}),),
+    ),
+    Function(
+        "multiply",
+        "Multiply two numbers: a * b.",
+        (_num("a", "first factor"), _num("b", "second factor")),
+        lambda a, b: a * b,
+        (Example({"a": 12, "b": 5}),),
+    ),
+    Function(
+        "divide",
+        "Divide a by b: a / b.",
+        (_num("a", "dividend"), _num("b", "divisor, not zero")),
+        _divide,
+        (Example({"a": 48, "b": 2}),),
+    ),
+    Function(
+        "power",
+        "Raise a to the power b: a ** b.",
+        (_num("a", "base"), Param("b", float, "exponent", minimum=-64, maximum=64)),
+        _power,
+        (Example({"a": 2, "b": 3}),),
+    ),
+    Function(
+        "remainder",
+        "Remainder of a divided by b: a % b.",
+        (_num("a", "dividend"), _num("b", "divisor, not zero")),
+        _remainder,
+        (Example({"a": 17, "b": 5}),),
+    ),
+    Function(
+        "final_answer",
+        "Give the final numeric answer; this ends the solution.",
+        (_num("value", "the answer"),),
+        lambda value: value,
+        (Example({"value": 72}),),
+        final=True,
+    ),
 )
 TOOLSET = Toolset(list(FUNCTIONS))
-_OPS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "divide", ast.Pow: "power", ast.Mod: "remainder"}
+_OPS = {
+    ast.Add: "add",
+    ast.Sub: "subtract",
+    ast.Mult: "multiply",
+    ast.Div: "divide",
+    ast.Pow: "power",
+    ast.Mod: "remainder",
+}
 
 INSTRUCTIONS = (
     "You solve grade-school math word problems by calling arithmetic functions, one call per turn. "
@@ -152,7 +197,9 @@ def load(split: str = "train", source: str | Path | None = None) -> list[Problem
     if Path(source).is_dir():
         records = list(_read_jsonl(_split_file(Path(source), split)))
     elif Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"gsm8k_source {str(source)!r} is neither a folder of {{train,test}}.jsonl files nor a hub id")
+        raise FileNotFoundError(
+            f"gsm8k_source {str(source)!r} is neither a folder of {{train,test}}.jsonl files nor a hub id"
+        )
     else:
         from datasets import load_dataset
 
@@ -172,7 +219,10 @@ def _expected_sha256(folder: Path) -> dict[str, str]:
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         return {}
-    return {name.strip(): digest for digest, name in (line.split(None, 1) for line in sums.read_text().splitlines() if line.strip())}
+    return {
+        name.strip(): digest
+        for digest, name in (line.split(None, 1) for line in sums.read_text().splitlines() if line.strip())
+    }
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
@@ -183,8 +233,10 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
     plain_name = path.name.removesuffix(".gz")
     expected = _expected_sha256(path.parent).get(plain_name)
     if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{path}: checksum mismatch (SHA256SUMS lists {expected[:12]}... for {plain_name}); "
-                         "the file is damaged or was changed: restore it from git")
+        raise ValueError(
+            f"{path}: checksum mismatch (SHA256SUMS lists {expected[:12]}... for {plain_name}); "
+            "the file is damaged or was changed: restore it from git"
+        )
     for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -266,4 +318,3 @@ def reference_calls(problem: Problem) -> list[tuple[str, dict[str, float]]]:
 def _tidy(value: float) -> float | int:
     """Integral floats as ints, so calls read `add(a=48, b=24)` rather than `48.0`."""
     return int(value) if float(value).is_integer() and abs(value) < 2**53 else round(value, 10)
-

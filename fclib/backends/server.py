@@ -29,7 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fclib.llm import OpenAIBackend
+from fclib.backends.endpoint import OpenAIBackend
+from fclib.models import resolve_model
 
 
 def free_port() -> int:
@@ -49,7 +50,6 @@ class LocalServer:
         startup_timeout: float = 300.0,
         log_path: str | Path | None = None,
     ):
-        from fclib.models import resolve_model
 
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
@@ -70,12 +70,21 @@ class LocalServer:
         """An OpenAI client backend for this server (sampling sent the way this server reads it)."""
         return OpenAIBackend(self.base_url, self.model_dir, hf_sampling=True, **kwargs)
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         if self.process is not None:
             return self
         self.port = free_port()
-        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model_dir,
-               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "transformers.cli.transformers",
+            "serve",
+            self.model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         if self.continuous_batching:
             cmd.append("--continuous-batching")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -101,7 +110,9 @@ class LocalServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"transformers serve did not answer /health within {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"transformers serve did not answer /health within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -125,7 +136,7 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from fclib.agent import OUTCOMES, AgentConfig
-from fclib.generate import generate, read_chains
-from fclib.llm import EndpointError
-from fclib.serve import LocalServer
+from fclib.backends.endpoint import EndpointError
+from fclib.backends.server import LocalServer
+from fclib.chains import generate, read_chains
 from fclib.tasks import fol
 
 

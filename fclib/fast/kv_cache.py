@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 Layers = list[tuple[Any, Any]]  # per layer: keys and values, (batch, heads, positions, head_dim)
 
@@ -62,7 +63,9 @@ class Cached:
         out = {}
         for s in self.spans:
             k = s.layers[0][0]
-            out[k.untyped_storage().data_ptr()] = k.untyped_storage().nbytes() // (k.shape[1] * k.shape[3] * k.element_size())
+            out[k.untyped_storage().data_ptr()] = k.untyped_storage().nbytes() // (
+                k.shape[1] * k.shape[3] * k.element_size()
+            )
         return out
 
 
@@ -121,7 +124,9 @@ class PrefixCache:
                 continue
             prefix = tuple(group[0][:n])
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True, logits_to_keep=1)
+                out = self.model(
+                    input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True, logits_to_keep=1
+                )
             layers = [(layer.keys, layer.values) for layer in out.cache.layers]
             self.shared[prefix] = Cached(prefix, [Span(layers, 0, 0, n)])
             self.stats["shared_prefill_tokens"] += n
@@ -249,15 +254,26 @@ def use_gqa_sdpa(model: Any) -> None:
     model.set_attn_implementation(_GQA_SDPA)
 
 
-def _gqa_sdpa_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                      scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:  # fmt: skip
+def _gqa_sdpa_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """transformers' SDPA attention, except that a masked multi-token query reads grouped heads directly."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
     if attention_mask is None or query.shape[2] == 1 or special:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from fclib.agent import AgentConfig
-from fclib.generate import generate, read_chains, summarize
-from fclib.llm import EndpointError, GenerationSettings, OpenAIBackend, ScriptedBackend
+from fclib.backends import GenerationSettings
+from fclib.backends.endpoint import EndpointError, OpenAIBackend
+from fclib.backends.scripted import ScriptedBackend
+from fclib.chains import generate, read_chains
 from fclib.problems import write_problems
 from fclib.tasks import fol, gsm8k, reference_script
+from fclib.teacher import summarize
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +52,7 @@ def backend(server, **kwargs):
 def strip(records):
     """Records without what differs between two identical runs (timing, retries)."""
     return sorted(
-        (json.dumps({k: v for k, v in r.items() if k not in ("latency_s", "retries")}, sort_keys=True) for r in records)
+        json.dumps({k: v for k, v in r.items() if k not in ("latency_s", "retries")}, sort_keys=True) for r in records
     )
 
 
@@ -83,7 +86,9 @@ def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp
     seen = set()
 
     def fault(n, body):
-        question = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user" and m["content"] in scripts)
+        question = next(
+            m["content"] for m in reversed(body["messages"]) if m["role"] == "user" and m["content"] in scripts
+        )
         if question == doomed:
             return kind
         sig = json.dumps([body["messages"], body["seed"]])  # samples differ by seed
@@ -114,11 +119,14 @@ def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp
     assert bad == 0 and len(on_disk) == len(path.read_text().splitlines()) == 2 * len(problems)
 
 
-@pytest.mark.parametrize("header, value, at_least", [
-    ("Retry-After", "1", 0.95),  # seconds
-    ("retry-after-ms", "1200", 1.15),  # milliseconds
-    ("Retry-After", "date", 1.0),  # an HTTP date, whole seconds: 2 to 3 s ahead
-])
+@pytest.mark.parametrize(
+    "header, value, at_least",
+    [
+        ("Retry-After", "1", 0.95),  # seconds
+        ("retry-after-ms", "1200", 1.15),  # milliseconds
+        ("Retry-After", "date", 1.0),  # an HTTP date, whole seconds: 2 to 3 s ahead
+    ],
+)
 def test_retry_after_is_honoured_in_seconds_milliseconds_or_a_date(problems, header, value, at_least):
     """Without the header the client waits 0.5 s at most before its first retry; with it, what the server asked."""
     from email.utils import formatdate
@@ -130,7 +138,9 @@ def test_retry_after_is_honoured_in_seconds_milliseconds_or_a_date(problems, hea
         return {"status": 429, "headers": {header: said}}
 
     with teacher(problems, fault=fault) as server:
-        reply = backend(server, concurrency=1).chat([[{"role": "user", "content": problems[0].question}]], GenerationSettings())[0]
+        reply = backend(server, concurrency=1).chat(
+            [[{"role": "user", "content": problems[0].question}]], GenerationSettings()
+        )[0]
         assert reply.error is None and reply.retries == 1 and server.requests == 2
         waited = server.times[1] - server.times[0]
     assert waited >= at_least, f"retried after {waited:.2f} s"
@@ -139,7 +149,7 @@ def test_retry_after_is_honoured_in_seconds_milliseconds_or_a_date(problems, hea
 
 def test_request_timeout_reaches_the_client(problems):
     """The timeout was a fixed 60 s that no parameter reached; now `request_timeout` is the client's timeout."""
-    from fclib.generate import open_teacher
+    from fclib.backends import open_teacher
 
     with teacher(problems, fault=lambda n, body: "hang" if n == 1 else None, hang_s=1.0) as server:
         with open_teacher("fake-teacher", server.base_url, request_timeout=0.3) as b:
@@ -172,8 +182,8 @@ def test_truncated_last_line_and_changed_settings(problems, tmp_path):
 RUN = """
 import sys
 from fclib.agent import AgentConfig
-from fclib.generate import generate
-from fclib.llm import OpenAIBackend
+from fclib.chains import generate
+from fclib.backends.endpoint import OpenAIBackend
 from fclib.problems import read_problems
 generate(OpenAIBackend(sys.argv[2], "fake-teacher", concurrency=2), read_problems(sys.argv[1]), sys.argv[3],
          k=3, config=AgentConfig(max_steps=16), chunk_size=2, progress=False)
@@ -190,7 +200,9 @@ def test_a_killed_run_resumes_to_the_same_chains(problems, tmp_path):
         killed = tmp_path / "killed.jsonl"
         proc = subprocess.Popen(cmd + [str(killed)], cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < total // 2):
+        while time.monotonic() < deadline and (
+            not killed.exists() or len(killed.read_text().splitlines()) < total // 2
+        ):
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -206,11 +218,26 @@ def test_a_killed_run_resumes_to_the_same_chains(problems, tmp_path):
 
 def test_summary_counts_yield_and_cost():
     def rec(pid, outcome, source="teacher", task="fol"):
-        return {"source": source, "model": "m", "task": task, "problem_id": pid, "outcome": outcome,
-                "usage": {"prompt_tokens": 100, "completion_tokens": 10}, "retries": 1, "latency_s": 0.5}  # fmt: skip
+        return {
+            "source": source,
+            "model": "m",
+            "task": task,
+            "problem_id": pid,
+            "outcome": outcome,
+            "usage": {"prompt_tokens": 100, "completion_tokens": 10},
+            "retries": 1,
+            "latency_s": 0.5,
+        }
 
-    records = [rec("a", "correct"), rec("a", "wrong_answer"), rec("b", "correct"), rec("b", "error"),
-               rec("c", "max_steps"), rec("c", "invalid_call"), rec("d", "correct", task="gsm8k")]  # fmt: skip
+    records = [
+        rec("a", "correct"),
+        rec("a", "wrong_answer"),
+        rec("b", "correct"),
+        rec("b", "error"),
+        rec("c", "max_steps"),
+        rec("c", "invalid_call"),
+        rec("d", "correct", task="gsm8k"),
+    ]
     s = summarize(records, prices={"prompt": 1.0, "completion": 2.0})
     assert s["outcomes"]["teacher"]["fol"]["correct"] == 2 and s["outcomes"]["teacher"]["fol"]["error"] == 1
     y = s["yield"]["teacher"]["fol"]
@@ -222,10 +249,12 @@ def test_summary_counts_yield_and_cost():
 
 
 def test_step_replies_are_labelled_against_the_reference_and_resume(queue_backend, tmp_path):
-    from fclib.generate import sample_steps
+    from fclib.teacher import sample_steps
     from tests.helpers import scripted_chain
 
-    p = fol.generate(1, seed=0, nmax=4)[0]  # reference: truth_values('shiny'), exists([True, False, False]), answer(True)
+    p = fol.generate(1, seed=0, nmax=4)[
+        0
+    ]  # reference: truth_values('shiny'), exists([True, False, False]), answer(True)
     ref = scripted_chain(p, reference_script(p), 0, source="reference")
     replies = [
         "answer(value=True)",  # turn 1: answers before looking anything up
@@ -237,26 +266,37 @@ def test_step_replies_are_labelled_against_the_reference_and_resume(queue_backen
     ]
     backend = queue_backend(replies)
     path = tmp_path / "steps.jsonl"
-    steps = sample_steps(backend, [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), chunk_size=4, progress=False)
+    steps = sample_steps(
+        backend, [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), chunk_size=4, progress=False
+    )
     assert [(s["step"], s["verdict"]) for s in steps] == [
-        (0, "other_function"), (0, "parse_error"), (1, "same"), (1, "invalid_call"), (2, "wrong_answer"), (2, "other_function")
+        (0, "other_function"),
+        (0, "parse_error"),
+        (1, "same"),
+        (1, "invalid_call"),
+        (2, "wrong_answer"),
+        (2, "other_function"),
     ]
     # each reply was asked for with the reference's history up to its turn, nothing after it
     assert [len(m) for m in backend.sent] == [s["turn"] for s in steps]
     assert all(m == ref["messages"][: len(m)] for m in backend.sent)
     assert [s["sample"] for s in steps] == list(range(6)) and steps[0]["reference_sample"] == 0
 
-    again = sample_steps(queue_backend([]), [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), progress=False)
+    again = sample_steps(
+        queue_backend([]), [p], path, [ref], samples=2, config=AgentConfig(temperature=0.8), progress=False
+    )
     assert again == steps and len(path.read_text().splitlines()) == 6  # nothing asked twice
     with pytest.raises(ValueError, match=r"other settings .*samples: 2 -> 3"):
-        sample_steps(queue_backend([]), [p], path, [ref], samples=3, config=AgentConfig(temperature=0.8), progress=False)
+        sample_steps(
+            queue_backend([]), [p], path, [ref], samples=3, config=AgentConfig(temperature=0.8), progress=False
+        )
     with pytest.raises(ValueError, match="at least 1"):
         sample_steps(queue_backend([]), [p], path, [ref], samples=0)
 
 
 def test_a_failed_step_request_is_asked_again(queue_backend, tmp_path):
-    from fclib.generate import sample_steps
-    from fclib.llm import Reply
+    from fclib.backends import Reply
+    from fclib.teacher import sample_steps
     from tests.helpers import scripted_chain
 
     p = fol.generate(1, seed=0, nmax=4)[0]
@@ -267,17 +307,21 @@ def test_a_failed_step_request_is_asked_again(queue_backend, tmp_path):
     assert [(s["step"], s["verdict"]) for s in first] == [(0, "invalid_call"), (1, "error"), (2, "invalid_call")]
     assert first[1]["error"] == "HTTP 503"
     second = sample_steps(queue_backend(["exists(values=[True])"]), [p], path, [ref], progress=False)
-    assert [(s["step"], s["verdict"]) for s in second] == [(0, "invalid_call"), (1, "same_function"), (2, "invalid_call")]
+    assert [(s["step"], s["verdict"]) for s in second] == [
+        (0, "invalid_call"),
+        (1, "same_function"),
+        (2, "invalid_call"),
+    ]
     assert len(path.read_text().splitlines()) == 3  # the failed record was replaced, not kept beside the new one
 
 
 def test_an_endpoint_that_fails_every_request_leaves_counted_failures(problems, tmp_path, caplog):
     """Against an endpoint failing every request, step sampling once returned 0 of 8 replies without a word."""
-    from fclib.generate import sample_steps
+    from fclib.teacher import sample_steps
     from tests.helpers import scripted_chain
 
     refs = [scripted_chain(p, reference_script(p), 0, source="reference") for p in problems[:2]]
-    asked = sum(sum(m["role"] == "assistant" for m in r["messages"][r["n_prompt"]:]) for r in refs)
+    asked = sum(sum(m["role"] == "assistant" for m in r["messages"][r["n_prompt"] :]) for r in refs)
     path = tmp_path / "steps.jsonl"
     with teacher(problems, fault=lambda n, body: "500") as server, caplog.at_level("WARNING"):
         steps = sample_steps(backend(server, max_retries=1), problems, path, refs, progress=False)
@@ -291,7 +335,7 @@ def test_an_endpoint_that_fails_every_request_leaves_counted_failures(problems, 
 
 
 def test_a_backend_that_raises_fails_the_chunk_counted(queue_backend, tmp_path):
-    from fclib.generate import sample_steps
+    from fclib.teacher import sample_steps
     from tests.helpers import scripted_chain
 
     class Broken:
@@ -317,8 +361,14 @@ def test_model_text_utf8_cannot_encode_is_stored_and_read_back_losslessly(tmp_pa
     (problem,) = fol.generate(1, seed=3, nmax=4, split="train")
     script = reference_script(problem)
     scripts = {problem.question: [f"{script[0]} {odd}", *script[1:]]}
-    chains = generate(ScriptedBackend(scripts, model_id="odd"), [problem], tmp_path / "chains.jsonl", k=2, config=CONFIG,
-                      progress=False)  # fmt: skip
+    chains = generate(
+        ScriptedBackend(scripts, model_id="odd"),
+        [problem],
+        tmp_path / "chains.jsonl",
+        k=2,
+        config=CONFIG,
+        progress=False,
+    )
     stored, bad = read_chains(tmp_path / "chains.jsonl")
     assert bad == 0 and strip(stored) == strip(chains) and odd in json.dumps(stored, ensure_ascii=False)
     weird = Problem("p-odd", "fol", f"Is it true? {odd}", True, problem.meta)
@@ -366,8 +416,12 @@ def test_a_ledger_killed_at_any_byte_resumes_to_the_same_chains(tmp_path):
         assert strip(read_chains(path)[0]) == strip(whole) and path.read_bytes().count(b"\n") == len(whole)
         partial = data[:cut][data[:cut].rfind(b"\n") + 1 :]
         side = path.with_name("chains.jsonl.cut")
-        whole_record = partial.strip() and partial.decode("utf-8", "replace") in {json.dumps(r, ensure_ascii=False) for r in whole}
-        if partial.strip() and not whole_record:  # a cut line is kept for inspection; a record cut of its newline is kept as is
+        whole_record = partial.strip() and partial.decode("utf-8", "replace") in {
+            json.dumps(r, ensure_ascii=False) for r in whole
+        }
+        if (
+            partial.strip() and not whole_record
+        ):  # a cut line is kept for inspection; a record cut of its newline is kept as is
             assert side.read_bytes() == partial + b"\n", cut
         else:
             assert not side.exists(), cut

@@ -2,12 +2,17 @@
 
 import pytest
 
-from fclib.llm import GenerationSettings, LocalBackend, ScriptedBackend
+from fclib.backends import GenerationSettings
+from fclib.backends.local import LocalBackend
+from fclib.backends.scripted import ScriptedBackend
 
 CONVS = [
     [{"role": "user", "content": "Hello there, how are you today?"}],
     [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three, please, slowly and clearly."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Count to three, please, slowly and clearly."},
+    ],
 ]
 
 
@@ -58,7 +63,7 @@ def test_per_conversation_seeds_make_samples_independent_of_the_batch(backend):
 def test_row_sampler_draws_from_the_tempered_nucleus():
     import torch
 
-    from fclib.llm import RowSampler
+    from fclib.backends.local import RowSampler
 
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     probs = (scores / 0.5).softmax(-1)[0]

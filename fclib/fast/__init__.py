@@ -1,0 +1,12 @@
+"""Speed-ups that patch or extend a library, each exact (the test suite proves it) and each switched by a parameter.
+
+- `kv_cache`: the local backend keeps each conversation's keys and values, and the prompt prefix
+  its task's chains share, across turns (`LocalBackend(prefix_cache=...)`; parameter `kv_cache`).
+- `prefix_sharing`: in training, the prompt prefixes that rows of a batch share run once
+  (parameter `share_prompt_prefix`).
+- `completion_scoring`: in training, TRL scores only the completion tokens on CPU too
+  (parameter `completion_only_scoring`).
+
+Each module that patches a library has a `check()` that fails loudly when the pinned version
+no longer has what the patch relies on, rather than letting the patch silently do nothing.
+"""

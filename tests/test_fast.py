@@ -1,0 +1,61 @@
+"""The speed-ups of fclib.fast: each switched by a parameter, and loud when a pinned library changes under it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fclib.fast import completion_scoring, prefix_sharing
+
+
+def test_completion_scoring_checks_that_trl_still_reads_what_it_patches(monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    completion_scoring.check()  # the pinned TRL: fine
+    with completion_scoring.completion_only_scoring():
+        assert trl_utils._use_triton("cpu") is True
+    assert trl_utils._use_triton.__module__ == "trl.kernels.chunked_logprob"  # put back
+
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with pytest.raises(
+        RuntimeError, match=r"patches trl.trainer.utils._use_triton, which this TRL no longer has or reads"
+    ):
+        with completion_scoring.completion_only_scoring():
+            pass
+
+
+def test_completion_scoring_refuses_when_no_trl_function_reads_the_name(monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    names = completion_scoring.readers()
+    assert names, "the pinned TRL reads _use_triton somewhere"
+    for name in names:  # as if TRL had renamed the name its functions read
+        monkeypatch.setattr(trl_utils, name, lambda *a, **k: None)
+    assert completion_scoring.readers() == []
+    with pytest.raises(RuntimeError, match="no longer has or reads"):
+        completion_scoring.check()
+
+
+def test_prefix_sharing_checks_the_cache_it_builds_on(monkeypatch):
+    from transformers import LlamaConfig
+    from transformers.cache_utils import DynamicLayer
+
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=32
+    )
+    prefix_sharing.check(config)  # the pinned transformers: fine
+    monkeypatch.delattr(DynamicLayer, "lazy_initialization")
+    with pytest.raises(RuntimeError, match="DynamicCache layers, which changed"):
+        prefix_sharing.check(config)
+
+
+def test_every_speed_up_is_a_parameter_on_in_every_profile():
+    from fclib import pipeline
+    from fclib.train import PARAMETERS, TrainSettings
+
+    for name in ("kv_cache", "share_prompt_prefix", "completion_only_scoring"):
+        for profile in ("smoke", "workshop", "cpu"):
+            assert pipeline.load_profile(profile)[name] is True
+    assert PARAMETERS["share_prompt_prefix"] == "share_prompt_prefix" and TrainSettings().share_prompt_prefix
+    assert (
+        PARAMETERS["completion_only_scoring"] == "completion_only_scoring" and TrainSettings().completion_only_scoring
+    )

@@ -1,15 +1,16 @@
-"""Publish a run's executed notebooks into docs/notebooks/, outputs included, for people to read on the forge.
+"""Publish a run's executed notebooks into docs/notebooks/ as HTML pages, outputs included, for people to read.
 
     .venv/bin/python scripts/publish_notebooks.py outputs/cpu
 
-Copies `<run>/notebooks/NN_*.ipynb`, drops what only a live Jupyter needs (widget state, papermill's
-per-cell timing metadata), keeps every output, and refuses to write more than 3 MB in all.
+Renders `<run>/notebooks/NN_*.ipynb` to `NN_*.html` (nbconvert's basic template), without what only
+a live Jupyter needs (widget state, papermill's per-cell timing metadata), and refuses to write more
+than 3 MB in all. Pages, not notebooks: the project commits notebooks without outputs, and these
+are what a run showed, to read.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,19 +36,22 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def publish(run: Path, target: Path = TARGET) -> list[Path]:
+    from nbconvert import HTMLExporter
+
     sources = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not sources:
         raise SystemExit(f"no executed notebooks in {run / 'notebooks'}: run ./study.sh first")
-    texts = {
-        src.name: json.dumps(clean(nbformat.read(src, as_version=4)), indent=1, ensure_ascii=False) + "\n"
+    exporter = HTMLExporter(template_name="basic")
+    pages = {
+        src.with_suffix(".html").name: exporter.from_notebook_node(clean(nbformat.read(src, as_version=4)))[0]
         for src in sources
     }
-    total = sum(len(t.encode()) for t in texts.values())
+    total = sum(len(t.encode()) for t in pages.values())
     if total > LIMIT_BYTES:
         raise SystemExit(f"the executed notebooks take {total / 1e6:.1f} MB, over the {LIMIT_BYTES / 1e6:.0f} MB limit")
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in texts.items():
+    for name, text in pages.items():
         (target / name).write_text(text)
         written.append(target / name)
     return written
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     written = publish(args.run)
     total = sum(p.stat().st_size for p in written)
-    print(f"wrote {len(written)} notebooks to {TARGET} ({total / 1e6:.2f} MB)", file=sys.stderr)
+    print(f"wrote {len(written)} pages to {TARGET} ({total / 1e6:.2f} MB)", file=sys.stderr)
 
 
 if __name__ == "__main__":

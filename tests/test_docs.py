@@ -27,4 +27,4 @@ def test_the_readme_starts_with_the_two_commands_and_the_five_notebooks():
     first_screen = readme[: readme.index("## Running it")]
     assert "./study.sh" in first_screen and "./test.sh" in first_screen and "docs/results.md" in first_screen
     for nb in sorted((PROJECT_ROOT / "notebooks").glob("0*.ipynb")):
-        assert f"(notebooks/{nb.name})" in first_screen and f"(docs/notebooks/{nb.name})" in first_screen
+        assert f"(notebooks/{nb.name})" in first_screen and f"(docs/notebooks/{nb.stem}.html)" in first_screen

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fclib.backends import ChatBackend, GenerationSettings, Message, Reply
 from fclib.problems import Problem
 from fclib.protocol import CallSyntaxError, ParsedCall, from_tool_call, parse_call
 from fclib.runs import progress_bar
+from fclib.settings import Settings
 from fclib.tools import Execution, Toolset, format_value
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class Task:
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(Settings):
     """Limits and sampling of the agent loop; the defaults are the `cpu` profile's (evaluation: greedy)."""
+
+    # the agent samples greedily unless told (eval_temperature); the teacher gives its own temperature
+    PARAMETER_NAMES: ClassVar[dict[str, str]] = {"temperature": "eval_temperature"}
 
     max_steps: int = 8  # model turns per chain
     max_retries: int = 3  # consecutive turns without a usable call before giving up
@@ -68,20 +72,15 @@ class AgentConfig:
     native_tools: bool = False  # send the OpenAI `tools` schema and read `tool_calls`
     stop: tuple[str, ...] = ("\n\n",)
 
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "max_tokens_per_turn", "max_chain_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+    def faults(self) -> list[str]:
+        wrong = [
+            f"{name} must be at least 1, got {getattr(self, name)!r}"
+            for name in ("max_steps", "max_tokens_per_turn", "max_chain_tokens")
+            if getattr(self, name) < 1
+        ]
         if self.max_retries < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("max_retries and temperature must be >= 0 and top_p in (0, 1]")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], temperature: float) -> AgentConfig:
-        """The agent of a run's parameters (a profile, or a notebook's `globals()`), sampling at `temperature`."""
-        return cls(temperature=temperature, **{name: params[name] for name in AGENT_PARAMETERS if name in params})
-
-
-AGENT_PARAMETERS = ("max_steps", "max_tokens_per_turn", "max_chain_tokens", "seed")  # run parameters, same names
+            wrong.append("max_retries and temperature must be >= 0 and top_p in (0, 1]")
+        return wrong
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Chain records and the resumable store every stage reads and writes.
 
-    records = generate(backend, problems, run_dir / "chains" / "chains.jsonl", k=4, config=config)
+    records = generate(backend, problems, run_folder / "chains" / "chains.jsonl", k=4, config=config)
 
 Every chain is appended to the JSONL file the moment it ends, so a run killed at any point
 loses only the chains in flight. Started again with the same parameters, it skips every
@@ -158,13 +158,13 @@ def _set_aside(path: Path, lines: Sequence[bytes], suffix: str) -> None:
     log.warning("%s: %s; kept in %s, their chains are redone", path, why, side)
 
 
-def set_aside_counts(folder: str | Path) -> dict[str, int]:
-    """{side file name: lines} of every ledger side file under `folder` (cut or damaged lines kept for inspection)."""
-    folder = Path(folder)
+def set_aside_counts(run_folder: str | Path) -> dict[str, int]:
+    """{side file name: lines} of every ledger side file of a run (cut or damaged lines kept for inspection)."""
+    run_folder = Path(run_folder)
     return {
-        str(f.relative_to(folder)): len(f.read_bytes().splitlines())
+        str(f.relative_to(run_folder)): len(f.read_bytes().splitlines())
         for suffix in SIDE_FILES
-        for f in sorted(folder.rglob(f"*.jsonl{suffix}"))
+        for f in sorted(run_folder.rglob(f"*.jsonl{suffix}"))
     }
 
 

@@ -18,6 +18,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,39 @@ import yaml
 from fclib.agent import OUTCOMES, outcome_counts
 from fclib.chains import set_aside_counts
 from fclib.problems import Problem
+from fclib.settings import Settings
 
 Record = Mapping[str, Any]
+EVAL_MODELS = ("base", "dpo", "teacher")
+
+
+@dataclass
+class EvalSettings(Settings):
+    """Notebook 05: which models run on how many test problems, how many times; the `cpu` profile's defaults.
+
+    The agent's limits are `AgentConfig`'s (sampling at `eval_temperature`), the teacher's `TeacherSettings`.
+    """
+
+    eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))  # the teacher is skipped when local
+    eval_limit: int = 0  # at most this many test problems per task (0: all)
+    eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
+    eval_temperature: float = 0.0  # sampling temperature of evaluation
+    skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
+
+    def faults(self) -> list[str]:
+        wrong = []
+        if not self.eval_models or not set(self.eval_models) <= set(EVAL_MODELS):
+            wrong.append(f"eval_models: some of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
+        if self.eval_samples < 1 or self.eval_limit < 0 or self.eval_temperature < 0:
+            wrong.append("eval_samples >= 1, eval_limit >= 0 and eval_temperature >= 0")
+        return wrong
+
+    def problems(self, test: Sequence[Problem]) -> list[Problem]:
+        """The test problems evaluated: all, or the first `eval_limit` of each task."""
+        if not self.eval_limit:
+            return list(test)
+        tasks = list(dict.fromkeys(p.task for p in test))
+        return [p for task in tasks for p in [q for q in test if q.task == task][: self.eval_limit]]
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:

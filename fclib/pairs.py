@@ -40,6 +40,7 @@ from typing import Any
 
 from fclib.chains import verified
 from fclib.runs import check_fields, check_messages, jsonl_line, read_jsonl
+from fclib.settings import Settings
 from fclib.teacher import REJECTED_VERDICTS
 
 STRATEGIES = ("all", "random", "first_divergence")
@@ -127,6 +128,48 @@ def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, An
     if chosen.get("tools"):
         pair["tools"] = json.dumps(chosen["tools"])
     return pair, ""
+
+
+@dataclass
+class PairSettings(Settings):
+    """Notebook 03: how chains become pairs; the defaults are the `cpu` profile's."""
+
+    seed: int = 0
+    pair_strategy: str = "first_divergence"  # one of STRATEGIES
+    max_pairs_per_problem: int = 8  # cap per problem (whole-chain and step pairs together)
+    use_reference: bool = True  # reference chains as chosen where the teacher never succeeded
+    validation_share: float = 0.1  # share of problems held out for validation (split by problem)
+    max_length: int = 1280  # pairs longer than this many student tokens are dropped (training uses it too)
+    step_samples: int = 1  # notebook 02's teacher replies per reference step; 0: no step pairs
+    skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or leave it out
+
+    def faults(self) -> list[str]:
+        wrong = []
+        if self.pair_strategy not in STRATEGIES:
+            wrong.append(f"pair_strategy must be one of {', '.join(STRATEGIES)}, not {self.pair_strategy!r}")
+        if not 0 <= self.validation_share < 1:
+            wrong.append("validation_share must be in [0, 1)")
+        if self.max_pairs_per_problem < 1:
+            wrong.append("max_pairs_per_problem must be >= 1")
+        if self.max_length < 16:
+            wrong.append(f"max_length must be >= 16, got {self.max_length}")
+        return wrong
+
+    def build(
+        self, records: Sequence[Record], tokenizer: Any, steps: Sequence[Record] = (), strategy: str | None = None
+    ) -> PairSet:
+        """`build_pairs` with these settings (`strategy` replaces pair_strategy, to compare strategies)."""
+        return build_pairs(
+            records,
+            strategy=strategy or self.pair_strategy,
+            max_pairs_per_problem=self.max_pairs_per_problem,
+            use_reference=self.use_reference,
+            validation_share=self.validation_share,
+            seed=self.seed,
+            tokenizer=tokenizer,
+            max_length=self.max_length,
+            steps=steps,
+        )
 
 
 def build_pairs(

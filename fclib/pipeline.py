@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -28,10 +27,15 @@ from typing import Any
 import psutil
 import yaml
 
+from fclib import runs
 from fclib.agent import AgentConfig
-from fclib.pairs import STRATEGIES
-from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV, run_dir
-from fclib.train import settings_from_params
+from fclib.evaluate import EvalSettings
+from fclib.pairs import PairSettings
+from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV
+from fclib.settings import SettingsError
+from fclib.tasks import ProblemSettings
+from fclib.teacher import TeacherSettings, is_variable_name
+from fclib.train import TrainSettings
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
@@ -76,7 +80,7 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
             raise SystemExit(
                 f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}"
             )
-        if key == "teacher_api_key_env" and not _is_variable_name(value):
+        if key == "teacher_api_key_env" and not is_variable_name(value):
             raise SystemExit(
                 "teacher_api_key_env takes the NAME of an environment variable that holds the key "
                 "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
@@ -86,7 +90,7 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
             raise SystemExit(fault)
         params[key] = value
     try:
-        run_dir(params["run_name"], create=False)
+        runs.run_folder(params["run_name"], create=False)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     problems = validate(params, name)
@@ -161,69 +165,27 @@ def _did_you_mean(key: str, known: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _is_variable_name(value: Any) -> bool:
-    """An environment variable's name, and not something that looks like a pasted API key."""
-    text = str(value)
-    key_prefixes = ("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_")
-    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", text)) and not text.lower().startswith(key_prefixes)
+STAGE_SETTINGS = (ProblemSettings, TeacherSettings, PairSettings, TrainSettings, EvalSettings)
 
 
 def validate(params: dict[str, Any], profile: str = "") -> list[str]:
-    """What is wrong with a parameter set, before anything runs (empty when nothing is)."""
+    """What is wrong with a parameter set, before anything runs (empty when nothing is).
 
-    p = params
-    wrong = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            wrong.append(message)
-
-    sizes = p["nmax"] if isinstance(p["nmax"], list) else [p["nmax"]]
-    need(
-        bool(sizes) and all(isinstance(n, int) and n >= 2 for n in sizes),
-        f"nmax must be integers >= 2, got {p['nmax']!r}",
-    )
-    need(p["fol_train"] + p["gsm8k_train"] > 0, "no training problems: fol_train and gsm8k_train are both 0")
-    need(p["fol_test"] + p["gsm8k_test"] > 0, "empty test set: fol_test and gsm8k_test are both 0")
-    need(min(p["fol_train"], p["fol_test"], p["gsm8k_train"], p["gsm8k_test"]) >= 0, "problem counts must be >= 0")
-    need(p["k"] >= 2, f"k={p['k']}: preference pairs need at least 2 chains per problem (k >= 2)")
-    for build in (  # the stages' own definitions check their settings
-        lambda: AgentConfig.from_params(p, temperature=p["temperature"]),
-        lambda: AgentConfig.from_params(p, temperature=p["eval_temperature"]),
-        lambda: settings_from_params(p),
-    ):
+    Each stage's settings check their own values; this adds only what involves a profile.
+    """
+    wrong: list[str] = []
+    builds = [lambda cls=cls: cls.from_params(params) for cls in STAGE_SETTINGS]
+    builds += [  # the agent of the teacher (notebook 02) and of evaluation (notebook 05)
+        lambda: AgentConfig.from_params(params, temperature=params["temperature"]),
+        lambda: AgentConfig.from_params(params),
+    ]
+    for build in builds:
         try:
             build()
-        except ValueError as e:
-            wrong.append(str(e))
-    need(p["concurrency"] >= 1, "concurrency must be >= 1")
-    need(p["request_timeout"] > 0, f"request_timeout must be > 0 seconds, got {p['request_timeout']!r}")
-    need(p["step_samples"] >= 0, "step_samples must be >= 0")
-    need(
-        not p["step_samples"] or p["reference_chains"],
-        "step_samples > 0 samples along the reference chains: set reference_chains=true",
-    )
-    need(
-        p["teacher_backend"] in ("inprocess", "server"),
-        f"teacher_backend must be inprocess or server, not {p['teacher_backend']!r}",
-    )
-    need(
-        not p["teacher_url"] or p["teacher_url"].startswith(("http://", "https://")),
-        "teacher_url must start with http:// or https://",
-    )
-    if profile == "paper":
-        need(
-            bool(p["teacher_url"]),
-            "the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL",
-        )
-    need(p["pair_strategy"] in STRATEGIES, f"pair_strategy must be one of {', '.join(STRATEGIES)}")
-    need(0 <= p["validation_share"] < 1, "validation_share must be in [0, 1)")
-    need(p["max_pairs_per_problem"] >= 1, "max_pairs_per_problem must be >= 1")
-    need(
-        set(p["eval_models"]) <= {"base", "dpo", "teacher"} and bool(p["eval_models"]),
-        "eval_models: some of base, dpo, teacher",
-    )
-    need(p["eval_samples"] >= 1 and p["eval_limit"] >= 0, "eval_samples >= 1 and eval_limit >= 0")
+        except SettingsError as e:
+            wrong += [fault for fault in e.faults if fault not in wrong]
+    if profile == "paper" and not params["teacher_url"]:
+        wrong.append("the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL")
     return wrong
 
 
@@ -346,20 +308,20 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     """
     import papermill as pm
 
-    out = run_dir(params["run_name"])
-    (out / "notebooks").mkdir(exist_ok=True)
-    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (out / "env.json").write_text(json.dumps(environment(), indent=2))
+    run_folder = runs.run_folder(params["run_name"])
+    (run_folder / "notebooks").mkdir(exist_ok=True)
+    (run_folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (run_folder / "env.json").write_text(json.dumps(environment(), indent=2))
     os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
     os.environ[TEXT_PROGRESS_ENV] = "1"  # progress bars as text, so they reach the terminal
     os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
-    timings = _read_json(out / "timings.json")
-    memory = _read_json(out / "memory.json")
+    timings = _read_json(run_folder / "timings.json")
+    memory = _read_json(run_folder / "memory.json")
     todo = notebooks(start, stop)
     for i, nb in enumerate(todo, 1):
         declared = pm.inspect_notebook(str(nb))
         given = {k: v for k, v in params.items() if k in declared}
-        target = out / "notebooks" / nb.name
+        target = run_folder / "notebooks" / nb.name
         log.info("[%d/%d] %s: running (executed copy: %s)", i, len(todo), nb.stem, target)
         t0 = time.perf_counter()
         try:
@@ -379,12 +341,12 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
                 f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nthe executed notebook is at {target}"
             ) from None
         timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
-        (out / "memory.json").write_text(json.dumps(memory, indent=2))
+        (run_folder / "timings.json").write_text(json.dumps(timings, indent=2))
+        (run_folder / "memory.json").write_text(json.dumps(memory, indent=2))
         log.info(
             "[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib
         )
-    return out
+    return run_folder
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -415,12 +377,12 @@ def main(argv: list[str] | None = None) -> None:
         overrides["run_name"] = args.run_name
     params = load_profile(args.profile, overrides)
     t0 = time.perf_counter()
-    out = run(params, args.start, args.stop)
+    run_folder = run(params, args.start, args.stop)
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
-    peak = max(_read_json(out / "memory.json").values(), default=0)
+    peak = max(_read_json(run_folder / "memory.json").values(), default=0)
     print(
         f"done in {minutes} min {seconds} s (peak memory {peak:.2f} GiB): "
-        f"the results of run {params['run_name']!r} are in {out}"
+        f"the results of run {params['run_name']!r} are in {run_folder}"
     )
 
 

@@ -22,7 +22,7 @@ def outputs_root() -> Path:
     return Path(os.environ.get("FCLIB_OUTPUTS") or PROJECT_ROOT / "outputs")
 
 
-def run_dir(run_name: str, create: bool = True) -> Path:
+def run_folder(run_name: str, create: bool = True) -> Path:
     """The folder of a run; the name must be a plain folder name."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_name or ""):
         raise ValueError(f"run_name {run_name!r} must be letters, digits, '.', '_' or '-' (no slashes)")

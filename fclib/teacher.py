@@ -16,23 +16,104 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fclib.agent import OUTCOMES, AgentConfig
-from fclib.backends import ChatBackend, GenerationSettings, Reply
+from fclib.backends import ChatBackend, GenerationSettings, Reply, open_teacher
 from fclib.chains import claim, fingerprint, key_of, resume, same_value
 from fclib.problems import Problem
 from fclib.protocol import CallSyntaxError, parse_call
 from fclib.runs import jsonl_line, progress_bar
+from fclib.settings import Settings
 from fclib.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 STEP_VERDICTS = ("same", "same_function", "other_function", "wrong_answer", "invalid_call", "parse_error", "error")
 REJECTED_VERDICTS = ("other_function", "wrong_answer", "invalid_call", "parse_error")
+TEACHER_BACKENDS = ("inprocess", "server")
+API_KEY_PREFIXES = ("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_")  # what pasted keys start with
+
+
+def is_variable_name(value: Any) -> bool:
+    """An environment variable's name, and not something that looks like a pasted API key."""
+    text = str(value)
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", text)) and not text.lower().startswith(API_KEY_PREFIXES)
+
+
+@dataclass
+class TeacherSettings(Settings):
+    """Notebook 02 (and the teacher of notebook 05): who the teacher is, how it is asked, how many chains.
+
+    The agent's limits are `AgentConfig`'s; the defaults are the `cpu` profile's.
+    """
+
+    teacher: str = "embedded"  # local ('embedded', a folder) or, with teacher_url, the endpoint's model id
+    teacher_url: str = ""  # OpenAI-compatible base URL; empty: a local teacher
+    teacher_api_key_env: str = "OPENAI_API_KEY"  # NAME of the variable holding the key, never the key
+    request_timeout: float = 60.0  # seconds an endpoint request may take before the openai client retries it
+    kv_cache: bool = True  # speed-up (fclib.fast): a local model reuses keys and values across turns
+    teacher_backend: str = "inprocess"  # local teacher: 'inprocess' or 'server' (transformers serve)
+    k: int = 2  # chains per training problem
+    temperature: float = 0.8  # teacher sampling temperature (0: greedy)
+    concurrency: int = 16  # requests in flight (endpoint) or conversations per batch (in process)
+    reference_chains: bool = True  # also store each problem's reference chain as source 'reference'
+    step_samples: int = 1  # teacher replies at every step of each reference chain (0: none)
+    price_prompt: float = 0.0  # USD per million prompt tokens, for the cost estimate
+    price_completion: float = 0.0  # USD per million completion tokens
+    skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or set aside and redo
+
+    def faults(self) -> list[str]:
+        wrong = []
+        if self.k < 2:
+            wrong.append(f"k={self.k}: preference pairs need at least 2 chains per problem (k >= 2)")
+        if self.concurrency < 1:
+            wrong.append("concurrency must be >= 1")
+        if not self.request_timeout > 0:
+            wrong.append(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+        if self.temperature < 0 or self.price_prompt < 0 or self.price_completion < 0:
+            wrong.append("temperature, price_prompt and price_completion must be >= 0")
+        if self.step_samples < 0:
+            wrong.append("step_samples must be >= 0")
+        if self.step_samples and not self.reference_chains:
+            wrong.append("step_samples > 0 samples along the reference chains: set reference_chains=true")
+        if self.teacher_backend not in TEACHER_BACKENDS:
+            wrong.append(f"teacher_backend must be inprocess or server, not {self.teacher_backend!r}")
+        if self.teacher_url and not self.teacher_url.startswith(("http://", "https://")):
+            wrong.append("teacher_url must start with http:// or https://")
+        if not is_variable_name(self.teacher_api_key_env):
+            wrong.append(
+                "teacher_api_key_env takes the NAME of an environment variable that holds the key "
+                "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
+            )
+        return wrong
+
+    @contextmanager
+    def open(self, log_dir: str | Path | None = None) -> Iterator[ChatBackend]:
+        """The teacher as a chat backend for the life of a `with` block (`fclib.backends.open_teacher`)."""
+        with open_teacher(
+            self.teacher,
+            self.teacher_url,
+            self.teacher_backend,
+            self.concurrency,
+            self.teacher_api_key_env,
+            log_dir,
+            request_timeout=self.request_timeout,
+            kv_cache=self.kv_cache,
+        ) as backend:
+            yield backend
+
+    def prices(self) -> dict[str, float] | None:
+        """USD per million prompt and completion tokens, or None when no price is given."""
+        if not (self.price_prompt or self.price_completion):
+            return None
+        return {"prompt": self.price_prompt, "completion": self.price_completion}
 
 
 def step_verdict(reply_text: str, reference: Mapping[str, Any], turn: int, toolset: Any) -> tuple[str, str | None, str]:

@@ -19,18 +19,21 @@ import json
 import logging
 import math
 import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from fclib import runs
 from fclib.fast.completion_scoring import completion_only_scoring
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
 from fclib.models import load_model, load_tokenizer, resolve_model
 from fclib.pairs import load_pairs
-from fclib.runs import TEXT_PROGRESS_ENV, run_dir
+from fclib.runs import TEXT_PROGRESS_ENV
+from fclib.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,14 @@ QUANTIZATION = ("auto", "4bit", "none")
 
 
 @dataclass
-class TrainSettings:
-    """What people tune; the defaults are the `cpu` profile's. `quantization='auto'`: 4-bit on CUDA, none on CPU."""
+class TrainSettings(Settings):
+    """Notebook 04: what people tune; the defaults are the `cpu` profile's. `quantization='auto'`: 4-bit on CUDA."""
+
+    PARAMETER_NAMES: ClassVar[dict[str, str]] = {
+        "epochs": "train_epochs",
+        "max_steps": "train_max_steps",
+        "batch_size": "train_batch_size",
+    }
 
     student: str = "embedded"
     quantization: str = "auto"  # auto | 4bit | none
@@ -63,21 +72,22 @@ class TrainSettings:
     logging_steps: int = 1
     seed: int = 0
     share_prompt_prefix: bool = True  # fclib.fast.prefix_sharing: shared prompt tokens run once (exact)
-    completion_only_scoring: bool = (
-        True  # fclib.fast.completion_scoring: TRL scores only completions on CPU too (exact)
-    )
+    completion_only_scoring: bool = True  # fclib.fast.completion_scoring: TRL scores only completions on CPU too
+    merge_adapter: bool = False  # also save a standalone merged model to model/merged/ (notebook 04)
 
-    def __post_init__(self) -> None:
+    def faults(self) -> list[str]:
+        wrong = []
         if self.quantization not in QUANTIZATION:
-            raise ValueError(f"quantization must be one of {QUANTIZATION}, not {self.quantization!r}")
+            wrong.append(f"quantization must be one of {QUANTIZATION}, not {self.quantization!r}")
         if self.lora_r < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16:
-            raise ValueError("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
+            wrong.append("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
         if self.beta <= 0 or self.learning_rate <= 0:
-            raise ValueError("beta and learning_rate must be > 0")
+            wrong.append("beta and learning_rate must be > 0")
         if self.eval_steps < 0 or self.save_steps < 1:
-            raise ValueError("eval_steps must be >= 0 (0: no validation during training) and save_steps >= 1")
+            wrong.append("eval_steps must be >= 0 (0: no validation during training) and save_steps >= 1")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError("loss_weights needs one weight per loss_type")
+            wrong.append("loss_weights needs one weight per loss_type")
+        return wrong
 
 
 def use_4bit(settings: TrainSettings) -> bool:
@@ -237,8 +247,8 @@ def make_trainer(
 def last_checkpoint(run_folder: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = Path(run_folder) / "model" / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    checkpoints = Path(run_folder) / "model" / "checkpoints"
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
 def train(
@@ -318,14 +328,8 @@ def adapter_id(adapter_dir: str | Path, base: str) -> str:
     return f"{base}+adapter@{digest[:12]}"
 
 
-def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[float]:
-    """Sum of the model's log-probabilities of each completion's tokens after its prompt (chat template).
-
-    `items` are (prompt, completion, tools). They run as one right-padded batch whose shared
-    prompt prefixes are computed once (`shared_prompt_prefix`), and the LM head projects only
-    the completion positions.
-    """
-    import torch
+def _rows(tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + completion, where the completion starts) of each item, through the chat template."""
 
     def ids(messages: list[dict], tools: Any, generation_prompt: bool) -> list[int]:
         text = tokenizer.apply_chat_template(
@@ -339,6 +343,24 @@ def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], l
         if full[: len(head)] != head:
             raise ValueError("the rendered prompt is not a prefix of prompt + completion")
         rows.append((full, len(head)))
+    return rows
+
+
+def completion_lengths(tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[int]:
+    """How many tokens of each item `completion_logps` scores (the completion's, after its prompt)."""
+    return [len(full) - start for full, start in _rows(tokenizer, items)]
+
+
+def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict], Any]]) -> list[float]:
+    """Sum of the model's log-probabilities of each completion's tokens after its prompt (chat template).
+
+    `items` are (prompt, completion, tools). They run as one right-padded batch whose shared
+    prompt prefixes are computed once (`shared_prompt_prefix`), and the LM head projects only
+    the completion positions.
+    """
+    import torch
+
+    rows = _rows(tokenizer, items)
     if not rows:
         return []
     width = max(len(full) for full, _ in rows)
@@ -354,14 +376,46 @@ def completion_logps(model: Any, tokenizer: Any, items: list[tuple[list[dict], l
     return out
 
 
-def policy_margins(model: Any, tokenizer: Any, pairs: Any) -> list[float]:
-    """log p(chosen) - log p(rejected) of each pair under `model` (DPO raises this margin)."""
+def pair_items(pairs: Any) -> list[tuple[list[dict], list[dict], Any]]:
+    """(prompt, completion, tools) of each pair's chosen, then its rejected completion: chosen at even places."""
     items = []
     for pair in pairs:
         tools = json.loads(pair["tools"]) if pair.get("tools") else None
         items += [(pair["prompt"], pair["chosen"], tools), (pair["prompt"], pair["rejected"], tools)]
-    logps = completion_logps(model, tokenizer, items)
+    return items
+
+
+def policy_margins(model: Any, tokenizer: Any, pairs: Any) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair under `model` (DPO raises this margin)."""
+    logps = completion_logps(model, tokenizer, pair_items(pairs))
     return [chosen - rejected for chosen, rejected in zip(logps[::2], logps[1::2])]
+
+
+def trl_metrics(adapter_dir: str | Path, pairs: Any, settings: TrainSettings) -> dict[str, float]:
+    """TRL's own loss and log-probabilities of `pairs` (a Dataset) as one batch, under the trained student.
+
+    DPOTrainer evaluates exactly these pairs (eval mode, no dropout) and logs what it logs in
+    training, as `eval_loss`, `eval_logps/chosen`, `eval_rewards/margins`, ...; returned without
+    the `eval_` prefix. The policy is base + adapter, the reference the base loaded a second time:
+    a trained adapter handed to DPOTrainer alone would be copied to serve as its own reference.
+    """
+    from trl import DPOTrainer
+
+    policy, tokenizer = load_student(adapter_dir, settings.student)
+    reference, _ = load_model(settings.student)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = dpo_config(settings, Path(tmp), four_bit=False, has_eval=True)
+        args.per_device_eval_batch_size = len(pairs)
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=pairs,
+            eval_dataset=pairs,
+            processing_class=tokenizer,
+        )
+        logged = trainer.evaluate()
+    return {key.removeprefix("eval_"): value for key, value in logged.items()}
 
 
 def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None = None) -> Path:
@@ -370,35 +424,6 @@ def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     return Path(target)
-
-
-PARAMETERS = {  # run parameter (profiles/*.yaml) -> TrainSettings field
-    "student": "student",
-    "quantization": "quantization",
-    "lora_r": "lora_r",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "beta": "beta",
-    "learning_rate": "learning_rate",
-    "train_epochs": "epochs",
-    "train_max_steps": "max_steps",
-    "train_batch_size": "batch_size",
-    "grad_accum": "grad_accum",
-    "max_length": "max_length",
-    "loss_type": "loss_type",
-    "loss_weights": "loss_weights",
-    "precompute_ref": "precompute_ref",
-    "eval_steps": "eval_steps",
-    "save_steps": "save_steps",
-    "seed": "seed",
-    "share_prompt_prefix": "share_prompt_prefix",
-    "completion_only_scoring": "completion_only_scoring",
-}
-
-
-def settings_from_params(params: dict[str, Any]) -> TrainSettings:
-    """The training settings of a run's parameters (params.yaml)."""
-    return TrainSettings(**{field_: params[key] for key, field_ in PARAMETERS.items() if key in params})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -414,13 +439,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the last checkpoint")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run = run_dir(args.run_name, create=False)
-    params_path = run / "params.yaml"
+    run_folder = runs.run_folder(args.run_name, create=False)
+    params_path = run_folder / "params.yaml"
     if not params_path.is_file():
         raise SystemExit(f"{params_path} not found: run the pipeline (notebooks 01-03) for {args.run_name!r} first")
-    info = train(
-        run / "pairs", run, settings_from_params(yaml.safe_load(params_path.read_text())), resume=not args.no_resume
-    )
+    settings = TrainSettings.from_params(yaml.safe_load(params_path.read_text()))
+    info = train(run_folder / "pairs", run_folder, settings, resume=not args.no_resume)
     print(json.dumps({k: info[k] for k in ("global_step", "training_loss", "trainable_parameters")}))
 
 

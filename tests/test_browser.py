@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fclib.runs import PROJECT_ROOT, run_dir
+from fclib.runs import PROJECT_ROOT, run_folder
 
 NOTEBOOK = "01_define_tools.ipynb"
 HOW_TO_ENABLE = "no Chromium: install Debian's `chromium` package (apt-get install chromium) to run the browser test"
@@ -137,7 +137,7 @@ def test_notebook_01_runs_in_jupyterlab_in_a_real_browser(jupyterlab):
     lab = jupyterlab
     sessions = f"{lab['url']}/api/sessions?token={lab['token']}"
     saved = lab["root"] / NOTEBOOK
-    shots = run_dir("smoke") / "screenshots"
+    shots = run_folder("smoke") / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])

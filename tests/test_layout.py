@@ -12,7 +12,7 @@ from pathlib import Path
 from fclib.runs import PROJECT_ROOT
 
 LAYERS = [  # earlier first; a module may import only from earlier layers or from its own package
-    {"runs"},
+    {"runs", "settings"},
     {"problems", "protocol", "models", "fast"},
     {"tools", "backends"},
     {"agent"},
@@ -36,7 +36,9 @@ def _top(module: str) -> str:
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions count too
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fclib."):
+        if isinstance(node, ast.ImportFrom) and node.module == "fclib":  # from fclib import runs
+            found |= {f"fclib.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fclib."):
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("fclib.")}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.backends.scripted import ScriptedBackend
 from fclib.problems import Problem
 from fclib.protocol import format_call
+from fclib.settings import Settings
 from fclib.tasks import fol, gsm8k
 
 TASKS: dict[str, Task] = {fol.NAME: fol.TASK, gsm8k.NAME: gsm8k.TASK}
@@ -42,6 +44,48 @@ def replay_references(problems: Sequence[Problem], progress: bool = False) -> li
     chains += run_chains(ScriptedBackend(scripts, REFERENCE_MODEL), TASKS, have, config, progress=progress)
     order = {p.id: i for i, p in enumerate(problems)}
     return sorted(chains, key=lambda c: order[c.problem_id])
+
+
+@dataclass
+class ProblemSettings(Settings):
+    """Notebook 01: which problems a run trains and tests on; the defaults are the `cpu` profile's."""
+
+    seed: int = 0
+    fol_train: int = 20  # FOL training problems per nmax
+    fol_test: int = 40  # FOL held-out problems per nmax
+    nmax: int | list[int] = 6  # at most this many individuals per world; a list: problems for each
+    depth: int = 1  # nesting depth of the question formula
+    gsm8k_train: int = 4  # GSM8K training problems, a seeded sample of the official split
+    gsm8k_test: int = 10  # GSM8K held-out problems
+    gsm8k_source: str = ""  # empty: the copy shipped in fclib/data/gsm8k; or a folder, or a hub id
+    demo_problems: int = 1  # problems per task the untrained student tries in notebook 01
+
+    def faults(self) -> list[str]:
+        sizes = self.nmax if isinstance(self.nmax, list) else [self.nmax]
+        wrong = []
+        if not sizes or not all(isinstance(n, int) and 2 <= n <= len(fol.INDIVIDUALS) for n in sizes):
+            wrong.append(f"nmax must be integers from 2 to {len(fol.INDIVIDUALS)}, got {self.nmax!r}")
+        counts = (self.fol_train, self.fol_test, self.gsm8k_train, self.gsm8k_test, self.demo_problems, self.depth)
+        if min(counts) < 0:
+            wrong.append("fol_train, fol_test, gsm8k_train, gsm8k_test, demo_problems and depth must be >= 0")
+        if self.fol_train + self.gsm8k_train <= 0:
+            wrong.append("no training problems: fol_train and gsm8k_train are both 0")
+        if self.fol_test + self.gsm8k_test <= 0:
+            wrong.append("empty test set: fol_test and gsm8k_test are both 0")
+        return wrong
+
+    def build(self) -> tuple[list[Problem], list[Problem]]:
+        """The train and test problems (`build_problems` with these settings)."""
+        return build_problems(
+            self.seed,
+            self.fol_train,
+            self.fol_test,
+            self.gsm8k_train,
+            self.gsm8k_test,
+            nmax=self.nmax,
+            depth=self.depth,
+            gsm8k_source=self.gsm8k_source,
+        )
 
 
 def build_problems(

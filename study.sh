@@ -18,10 +18,11 @@ The first call sets up .venv (pinned packages, the embedded model: a few minutes
   --to NN          stop after notebook NN
   -p KEY=VALUE     override one parameter of the profile (typed like YAML: 3, 0.5, true, text)
 
-Models and data are read offline unless the run names a hub id (set HF_HUB_OFFLINE=0 to go online).
+A run whose models and data are all local (embedded, tiny, folders, the shipped GSM8K) or in the
+hub cache runs offline; one that names a hub id fetches it, and stops at once, saying what it could
+not fetch and how to give a local folder instead, when the hub cannot be reached.
 USAGE
     exit 0 ;;
 esac
 scripts/setup.sh
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 exec .venv/bin/python -m fclib.pipeline --profile cpu "$@"

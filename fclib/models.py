@@ -88,6 +88,34 @@ def _save_once(model: Any, tokenizer: Any, target: Path) -> Path:
     return target
 
 
+def hub_id(name: str | os.PathLike) -> str | None:
+    """The hub id a model name is fetched from, or None when the model is local (embedded, tiny, a folder)."""
+    text = str(name)
+    if text in EMBEDDED_ALIASES or text == TINY or Path(text).expanduser().exists():
+        return None
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return None  # a folder that does not exist: resolve_model says so
+    return text
+
+
+def in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether the local hub cache holds a model (its config.json) or a dataset (its README), so it loads offline."""
+    filename = "config.json" if repo_type == "model" else "README.md"
+    return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
+
+
+def hub_fault(repo_id: str, repo_type: str = "model", timeout: float = 10.0) -> str | None:
+    """Why `repo_id` cannot be fetched from the hub now (offline, unreachable, not found), or None when it can."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    try:
+        (api.model_info if repo_type == "model" else api.dataset_info)(repo_id, timeout=timeout)
+    except Exception as e:  # offline mode, no route, DNS, 404, 401: one line saying which
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'}"
+    return None
+
+
 def resolve_model(name: str | os.PathLike) -> str:
     """A model name as `from_pretrained` takes it: the embedded alias, a local folder or a hub id."""
     text = str(name)
@@ -100,7 +128,7 @@ def resolve_model(name: str | os.PathLike) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but holds no config.json: not a Hugging Face model")
         return str(path)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if hub_id(text) is None:
         raise FileNotFoundError(f"model folder {text} does not exist")
     return text  # a hub id: from_pretrained fetches it, or finds it in the local hub cache offline
 

@@ -30,10 +30,11 @@ import yaml
 from fclib import runs
 from fclib.agent import AgentConfig
 from fclib.evaluate import EvalSettings
+from fclib.models import hub_fault, hub_id, in_hub_cache
 from fclib.pairs import PairSettings
 from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV
 from fclib.settings import SettingsError
-from fclib.tasks import ProblemSettings
+from fclib.tasks import ProblemSettings, gsm8k
 from fclib.teacher import TeacherSettings, is_variable_name
 from fclib.train import TrainSettings
 
@@ -189,6 +190,47 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
     return wrong
 
 
+def hub_sources(params: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(parameter, hub id, 'model' or 'dataset') of every model and data source of a run that is not local."""
+    models = {"student": params["student"]}
+    if not params["teacher_url"]:
+        models["teacher"] = params["teacher"]
+    found = [(key, repo, "model") for key, name in models.items() if (repo := hub_id(name))]
+    if repo := gsm8k.hub_id(params["gsm8k_source"]):
+        found.append(("gsm8k_source", repo, "dataset"))
+    return found
+
+
+def go_offline_unless_needed(params: dict[str, Any]) -> None:
+    """Offline when every model and data source of the run is local or in the hub cache, else online.
+
+    Offline is forced (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, unless already set) only for a
+    run that needs nothing from the hub. A run that does is checked against the hub at once:
+    what cannot be fetched (offline, unreachable, not found) stops it before any notebook runs,
+    with one line per source saying how to give a local folder instead.
+    """
+    missing = [(key, repo, kind) for key, repo, kind in hub_sources(params) if not in_hub_cache(repo, kind)]
+    if not missing:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        return
+    wrong = []
+    for key, repo, kind in missing:
+        fault = hub_fault(repo, kind)
+        if fault and kind == "dataset":
+            wrong.append(
+                f"cannot fetch {key} {repo!r} from the Hugging Face hub ({fault}): leave {key} empty for the "
+                f"shipped GSM8K, or give a folder of {{train,test}}.jsonl files: -p {key}=/path/to/folder"
+            )
+        elif fault:
+            wrong.append(
+                f"cannot fetch {key} {repo!r} from the Hugging Face hub ({fault}): give a local model folder "
+                f"instead, -p {key}=/path/to/folder (made online by: hf download {repo} --local-dir /path/to/folder)"
+            )
+    if wrong:
+        raise SystemExit("\n".join(wrong))
+
+
 def notebook_profile(namespace: dict[str, Any]) -> str | None:
     """Called by each notebook right after its parameters cell.
 
@@ -308,6 +350,7 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     """
     import papermill as pm
 
+    go_offline_unless_needed(params)
     run_folder = runs.run_folder(params["run_name"])
     (run_folder / "notebooks").mkdir(exist_ok=True)
     (run_folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -41,3 +41,15 @@ def test_clear_errors_for_missing_models(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
         models.load_model("someone/not-downloaded-model")
+
+
+def test_hub_ids_are_told_from_local_models_and_data(tmp_path):
+    from fclib.models import hub_id
+    from fclib.tasks import gsm8k
+
+    assert hub_id("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    for local in ("embedded", "tiny", str(tmp_path), "/no/such/folder", "./model", "a/b/c"):
+        assert hub_id(local) is None, local
+    assert gsm8k.hub_id("openai/gsm8k") == "openai/gsm8k"
+    for local in ("", None, str(tmp_path), "/no/such/folder", "gsm8k"):
+        assert gsm8k.hub_id(local) is None, local

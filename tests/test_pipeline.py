@@ -97,6 +97,54 @@ def test_notebook_profile_applies_only_when_asked(monkeypatch):
     assert namespace == {"run_name": "smoke", "k": 2, "local": 1}
 
 
+def test_a_local_run_goes_offline_and_a_run_naming_hub_ids_stays_online(monkeypatch):
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    cpu = pipeline.load_profile("cpu")
+    assert pipeline.hub_sources(cpu) == []
+    pipeline.go_offline_unless_needed(cpu)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" == os.environ["HF_DATASETS_OFFLINE"]
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable)
+    hub = {**cpu, "student": "Qwen/Qwen2.5-1.5B-Instruct", "teacher": "Qwen/Qwen2.5-7B-Instruct"}
+    hub["gsm8k_source"] = "openai/gsm8k"
+    wanted = [
+        ("student", "Qwen/Qwen2.5-1.5B-Instruct", "model"),
+        ("teacher", "Qwen/Qwen2.5-7B-Instruct", "model"),
+        ("gsm8k_source", "openai/gsm8k", "dataset"),
+    ]
+    assert pipeline.hub_sources(hub) == wanted
+    asked = []
+    monkeypatch.setattr(pipeline, "in_hub_cache", lambda repo, kind: False)
+    monkeypatch.setattr(pipeline, "hub_fault", lambda repo, kind: asked.append((repo, kind)))  # the hub answers
+    pipeline.go_offline_unless_needed(hub)
+    assert asked == [(repo, kind) for _, repo, kind in wanted]
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    endpoint_teacher = {**hub, "teacher_url": "https://api.example.org/v1", "teacher": "gpt-4o-mini"}
+    assert [key for key, _, _ in pipeline.hub_sources(endpoint_teacher)] == ["student", "gsm8k_source"]
+    # in the hub cache: offline again
+    monkeypatch.setattr(pipeline, "in_hub_cache", lambda repo, kind: True)
+    pipeline.go_offline_unless_needed(hub)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_run_naming_hub_ids_stops_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    # the real check, against a closed port of this machine as the hub, with an empty hub cache
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"FCLIB_OUTPUTS": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    student, data = "Qwen/Qwen2.5-1.5B-Instruct", "openai/gsm8k"
+    command = [sys.executable, "-m", "fclib.pipeline", "-p", f"student={student}", "-p", f"gsm8k_source={data}"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith(f"cannot fetch student {student!r} from the Hugging Face hub (")
+    assert f"-p student=/path/to/folder (made online by: hf download {student} --local-dir" in lines[0]
+    assert lines[1].startswith(f"cannot fetch gsm8k_source {data!r}") and "-p gsm8k_source=/path/to/folder" in lines[1]
+    assert not (tmp_path / "cpu" / "notebooks").exists(), "nothing may run before the check"
+
+
 CHAIN_FIELDS = {
     "problem_id",
     "task",
@@ -115,7 +163,8 @@ CHAIN_FIELDS = {
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
-    env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # no HF_* variable: a run of local models and data goes offline by itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"FCLIB_OUTPUTS": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--run-name", "t1"],
         env=env,

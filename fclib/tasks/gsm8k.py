@@ -191,12 +191,19 @@ def default_source() -> str:
     return str(SHIPPED)
 
 
+def hub_id(source: str | Path | None) -> str | None:
+    """The hub dataset id a `gsm8k_source` names, or None when it is local (the shipped copy, a folder)."""
+    if not source or Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        return None
+    return str(source)
+
+
 def load(split: str = "train", source: str | Path | None = None) -> list[Problem]:
     """GSM8K problems of a split: the shipped copy (default), a folder of `{split}.jsonl[.gz]`, or a hub id."""
     source = source or default_source()
     if Path(source).is_dir():
         records = list(_read_jsonl(_split_file(Path(source), split)))
-    elif Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    elif hub_id(source) is None:
         raise FileNotFoundError(
             f"gsm8k_source {str(source)!r} is neither a folder of {{train,test}}.jsonl files nor a hub id"
         )

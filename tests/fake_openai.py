@@ -5,7 +5,9 @@ It answers `/v1/chat/completions` from a `ScriptedBackend` (deterministic replie
 "hang" (no answer until after the client's timeout), "close" (drop the connection),
 "malformed" (invalid JSON), "empty" (no choices), a dict {"status": 429, "headers": {...}}
 (that answer, e.g. with a `Retry-After`), or None for a normal answer. `times` holds when each
-request arrived.
+request arrived, `bodies` what each sent. `refuse` names request parameters the server does not
+take, answered as OpenAI's reasoning models answer `max_tokens`: HTTP 400 with
+`param` and code `unsupported_parameter`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ class FakeOpenAI:
         model: str = "fake-teacher",
         hang_s: float = 3.0,
         delay_s: float = 0.0,
+        refuse: tuple[str, ...] = (),
     ):
         self.backend, self.fault, self.model = backend, fault or (lambda n, body: None), model
-        self.hang_s, self.delay_s = hang_s, delay_s
+        self.hang_s, self.delay_s, self.refuse = hang_s, delay_s, refuse
         self.requests = 0
         self.times: list[float] = []
+        self.bodies: list[dict] = []
         self.lock = threading.Lock()
         server = self
 
@@ -64,7 +68,17 @@ class FakeOpenAI:
                 with server.lock:
                     server.requests += 1
                     server.times.append(time.monotonic())
+                    server.bodies.append(body)
                     n = server.requests
+                refused = [name for name in server.refuse if name in body]
+                if refused:
+                    error = {
+                        "message": f"Unsupported parameter: '{refused[0]}' is not supported with this model.",
+                        "type": "invalid_request_error",
+                        "param": refused[0],
+                        "code": "unsupported_parameter",
+                    }
+                    return self._send(400, json.dumps({"error": error}).encode())
                 if body.get("model") != server.model:
                     return self._send(
                         404, json.dumps({"error": {"message": f"model {body.get('model')} not found"}}).encode()
@@ -87,7 +101,7 @@ class FakeOpenAI:
                     return self._send(200, b'{"id": "x", "choices": [{"message": {"content": "ans')
                 if server.delay_s:
                     time.sleep(server.delay_s)
-                settings = GenerationSettings(max_tokens=body.get("max_tokens", 64))
+                settings = GenerationSettings(max_tokens=body.get("max_tokens", body.get("max_completion_tokens", 64)))
                 text = server.backend.chat([body["messages"]], settings)[0].text
                 choices = (
                     []

@@ -72,6 +72,31 @@ def test_backend_replies_with_usage_and_checks_the_model(problems):
         OpenAIBackend(server.base_url, "fake-teacher").check()
 
 
+@pytest.mark.parametrize("refused", [("max_tokens",), ("seed",), ("max_tokens", "seed")])
+def test_an_endpoint_refusing_max_tokens_or_seed_gets_what_it_takes(problems, tmp_path, refused):
+    with teacher(problems) as server:
+        expected = generate(backend(server), problems, tmp_path / "plain.jsonl", k=2, config=CONFIG, source="t")
+    with teacher(problems, refuse=refused) as server:
+        b = backend(server)
+        records = generate(b, problems, tmp_path / "chains.jsonl", k=2, config=CONFIG, source="t")
+        bodies = server.bodies
+    assert strip(records) == strip(expected) and all(r["retries"] == 0 for r in records)
+    refused_at = [i for i, body in enumerate(bodies) if set(refused) & set(body)]
+    # the switch is remembered: only requests already in flight when it happened are refused
+    assert 1 <= len(refused_at) <= b.concurrency * len(refused) < len(bodies) // 2, (len(refused_at), len(bodies))
+    later = bodies[max(refused_at) + 1 :]
+    if "max_tokens" in refused:
+        assert all(body["max_completion_tokens"] == CONFIG.max_tokens_per_turn for body in later)
+    # told to send max_tokens, the backend does not switch: each request fails, recorded, not retried
+    with teacher(problems, refuse=("max_tokens",)) as server:
+        fixed = backend(server, token_field="max_tokens")
+        reply = fixed.chat([[{"role": "user", "content": problems[0].question}]], GenerationSettings())[0]
+        assert reply.error.startswith("HTTP 400") and "max_tokens" in reply.error and reply.retries == 0
+    with teacher(problems) as server:  # send_seed=False sends none from the start
+        backend(server, send_seed=False).chat([[{"role": "user", "content": "x"}]], GenerationSettings())
+        assert "seed" not in server.bodies[0]
+
+
 def test_api_key_only_from_the_environment(monkeypatch):
     monkeypatch.setenv("FCLIB_TEST_KEY", "sk-secret")
     b = OpenAIBackend("http://127.0.0.1:9/v1", "m", api_key_env="FCLIB_TEST_KEY")

@@ -37,6 +37,12 @@ class OpenAIBackend:
     need none. `hf_sampling` sends sampling through `transformers serve`'s
     `generation_config` field, which that server needs to sample at all (other servers
     reject the field).
+
+    Servers differ in what they accept. The reply length goes as `max_tokens` until the server
+    refuses that name (OpenAI's reasoning models answer 400 "use 'max_completion_tokens'"), then
+    as `max_completion_tokens` for the rest of the run; `token_field` fixes either name. The seed
+    is sent unless `send_seed=False` or the server refuses it as an unsupported parameter. Each
+    switch is logged once and is not counted as a retry.
     """
 
     def __init__(
@@ -50,11 +56,15 @@ class OpenAIBackend:
         max_backoff: float = 8.0,
         api_key_env: str = "OPENAI_API_KEY",
         hf_sampling: bool = False,
+        token_field: str = "auto",
+        send_seed: bool = True,
     ):
         from openai import OpenAI
 
         if concurrency < 1 or max_retries < 0 or not timeout > 0:
             raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        if token_field not in ("auto", *TOKEN_FIELDS):
+            raise ValueError(f"token_field must be auto, {' or '.join(TOKEN_FIELDS)}, not {token_field!r}")
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.client = OpenAI(
@@ -65,6 +75,9 @@ class OpenAIBackend:
         self.concurrency, self.max_retries = concurrency, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.api_key_env, self.hf_sampling = api_key_env, hf_sampling
+        self.token_field = TOKEN_FIELDS[0] if token_field == "auto" else token_field
+        self.adapts = token_field == "auto"  # may switch to max_completion_tokens when the server asks for it
+        self.send_seed = send_seed
 
     def check(self) -> list[str]:
         """Fail clearly now, not once per request: the endpoint answers and serves the model."""
@@ -98,7 +111,9 @@ class OpenAIBackend:
             return list(pool.map(lambda job: self._request(*job), jobs))
 
     def _body(self, settings: GenerationSettings, tools: list[dict] | None, seed: int) -> dict[str, Any]:
-        body: dict[str, Any] = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=seed)
+        body: dict[str, Any] = {self.token_field: settings.max_tokens, "temperature": settings.temperature}
+        if self.send_seed:
+            body["seed"] = seed
         if settings.temperature > 0:
             body["top_p"] = settings.top_p
         if settings.stop:
@@ -138,6 +153,9 @@ class OpenAIBackend:
                 return reply
             except openai.APIStatusError as e:
                 error = f"HTTP {e.status_code}: {_detail(e)}"
+                if self._adapt(_refused_parameter(e)):  # sent again in the form the server takes, not a retry
+                    body = self._body(settings, tools, seed)
+                    continue
                 if not _client_retries(e):
                     return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=retries, error=error)
                 retries = self.max_retries  # the client spent what was left of the budget
@@ -156,6 +174,40 @@ class OpenAIBackend:
                 retries += 1
         error = f"gave up after {retries + 1} attempts; last: {error}"
         return Reply("", 0, 0, "error", latency_s=time.perf_counter() - t0, retries=retries, error=error)
+
+    def _adapt(self, refused: str | None) -> bool:
+        """Stop sending what the server refused, where that is allowed; whether anything changed."""
+        if refused == "max_tokens" and self.adapts and self.token_field == "max_tokens":
+            log.warning("%s refuses max_tokens: sending max_completion_tokens from now on", self.base_url)
+            self.token_field = "max_completion_tokens"
+            return True
+        if refused == "seed" and self.send_seed:
+            log.warning("%s refuses seed: sending no seed from now on (samples are not reproducible)", self.base_url)
+            self.send_seed = False
+            return True
+        # another request may have switched first: send again when what was refused is no longer sent
+        return refused is not None and refused not in self._body(GenerationSettings(), None, 0)
+
+
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _refused_parameter(e: Any) -> str | None:
+    """The request parameter a 400 answer refuses as unsupported (OpenAI: `param` with code unsupported_parameter)."""
+    if e.status_code != 400:
+        return None
+    body = getattr(e, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    error = error if isinstance(error, dict) else {}
+    param = error.get("param") or getattr(e, "param", None)
+    code = str(error.get("code") or getattr(e, "code", None) or "")
+    text = str(error.get("message") or getattr(e, "message", "") or "")
+    if param in ("max_tokens", "seed") and ("unsupported" in code or "not supported" in text.lower()):
+        return param
+    for name in ("max_tokens", "seed"):  # servers that say it in words only
+        if f"'{name}'" in text and ("not supported" in text.lower() or "unsupported" in text.lower()):
+            return name
+    return None
 
 
 def _client_retries(e: Any) -> bool:

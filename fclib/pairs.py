@@ -126,8 +126,14 @@ def _pair(chosen: Record, rejected: Record, strategy: str) -> tuple[dict[str, An
         "rejected_outcome": rejected["outcome"],
     }
     if chosen.get("tools"):
-        pair["tools"] = json.dumps(chosen["tools"])
+        pair["tools"] = list(chosen["tools"])  # the OpenAI tools schemas, as TRL reads them
     return pair, ""
+
+
+def tools_of(pair: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The tools schemas of a pair (None under the text protocol); pair files of older runs hold them as JSON text."""
+    tools = pair.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools or None
 
 
 @dataclass
@@ -303,7 +309,7 @@ def _step_candidates(chains: Sequence[Record], steps: Sequence[Record]) -> list[
 
 def _lengths(tokenizer: Any, pair: Mapping[str, Any]) -> tuple[int, int, int]:
     """Completion tokens of chosen and rejected, and prompt tokens, by the student's chat template."""
-    tools = json.loads(pair["tools"]) if pair.get("tools") else None
+    tools = tools_of(pair)
 
     def count(messages: list[dict[str, Any]], generation_prompt: bool = False) -> int:
         text = tokenizer.apply_chat_template(
@@ -370,7 +376,7 @@ CARD = """# Preference pairs: {run_name}
 
 Pairs for DPO built by fclib from the chains of `chains/chains.jsonl` (notebook 03). Conversational
 format: `prompt`, `chosen`, `rejected` are message lists as TRL's `DPOTrainer` reads them
-(a `tools` column holds the OpenAI tools schema when native tools were used).
+(a `tools` column holds each pair's OpenAI tools schemas when the native protocol was used).
 
 - Strategy: `{strategy}` (at most {cap} pairs per problem); reference chains as chosen: {use_reference}.
 - Chosen: verified correct chains (the answer equals the gold one and what the chain's own calls
@@ -393,7 +399,7 @@ Dropped: {dropped}.
 
 def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
     """Write `train.jsonl`, `validation.jsonl`, a `datasets` DatasetDict (`dataset/`), `stats.json`, `README.md`."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -432,13 +438,24 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
             dropped=dropped,
         )
     )
-    splits = {
-        name: Dataset.from_list([_utf8(row) for row in rows])
-        for name, rows in (("train", pairs.train), ("validation", pairs.validation))
-        if rows
-    }
+    splits = {name: _dataset(rows) for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}
     DatasetDict(splits).save_to_disk(str(folder / "dataset"))
     return folder
+
+
+def _dataset(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The rows as a Dataset; a `tools` column holds each row's own list of schemas (Json), as TRL reads it.
+
+    Left to Arrow's inference, schemas of different toolsets would merge into one struct whose
+    missing fields read back as None, and the chat template would render those.
+    """
+    from datasets import Dataset, Features, Json, List
+
+    rows = [_utf8({**row, "tools": tools_of(row)}) for row in rows]
+    data = Dataset.from_list([{k: v for k, v in row.items() if k != "tools"} for row in rows])
+    if not any(row["tools"] for row in rows):
+        return data
+    return Dataset.from_list(rows, features=Features({**data.features, "tools": List(Json())}))
 
 
 def _utf8(value: Any) -> Any:
@@ -464,6 +481,9 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
 def _check_pair(row: Any) -> dict[str, Any]:
     """`row` once checked to be a pair; ValueError naming what is wrong otherwise."""
     check_fields(row, {"problem_id": str, "prompt": list, "chosen": list, "rejected": list}, "a pair")
+    tools = row.get("tools")
+    if tools is not None and not isinstance(tools, str) and not all(isinstance(t, dict) for t in tools or [0]):
+        raise ValueError("field 'tools' must be a list of tool schemas (objects)")
     for name in ("prompt", "chosen", "rejected"):
         if not row[name]:
             raise ValueError(f"field {name!r} must be a non-empty list of messages")
@@ -477,7 +497,7 @@ def load_pairs(folder: str | Path) -> Any:
     Read from `train.jsonl` and `validation.jsonl` (the exact text, checked line by line; an
     edit there is what trains), with text UTF-8 cannot encode replaced as in `save_pairs`.
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     folder = Path(folder)
     if not (folder / "train.jsonl").is_file():
@@ -486,5 +506,5 @@ def load_pairs(folder: str | Path) -> Any:
     for name in ("train", "validation"):
         rows = read_pairs(folder / f"{name}.jsonl") if (folder / f"{name}.jsonl").is_file() else []
         if rows:
-            splits[name] = Dataset.from_list([_utf8(row) for row in rows])
+            splits[name] = _dataset(rows)
     return DatasetDict(splits)  # without "train" when notebook 03 kept no pair: training says so

@@ -31,7 +31,7 @@ from fclib import runs
 from fclib.fast.completion_scoring import completion_only_scoring
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
 from fclib.models import load_model, load_tokenizer, resolve_model
-from fclib.pairs import load_pairs
+from fclib.pairs import load_pairs, tools_of
 from fclib.runs import TEXT_PROGRESS_ENV
 from fclib.settings import Settings
 
@@ -380,7 +380,7 @@ def pair_items(pairs: Any) -> list[tuple[list[dict], list[dict], Any]]:
     """(prompt, completion, tools) of each pair's chosen, then its rejected completion: chosen at even places."""
     items = []
     for pair in pairs:
-        tools = json.loads(pair["tools"]) if pair.get("tools") else None
+        tools = tools_of(pair)
         items += [(pair["prompt"], pair["chosen"], tools), (pair["prompt"], pair["rejected"], tools)]
     return items
 

@@ -129,12 +129,16 @@ def test_bad_input_is_refused(records):
 
 
 @pytest.mark.slow
-def test_dpo_trainer_accepts_the_saved_dataset(records, tmp_path):
+@pytest.mark.parametrize("protocol", ["text", "native"])
+def test_dpo_trainer_accepts_the_saved_dataset(records, fol_problems, tmp_path, protocol):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     from fclib.models import tiny_model
 
+    if protocol == "native":  # each pair carries its tools schemas, which TRL renders into the prompt
+        schemas = {p.id: fol.toolset(p).openai_tools() for p in fol_problems}
+        records = [{**r, "tools": schemas[r["problem_id"]]} for r in records]
     save_pairs(build_pairs(records, strategy="first_divergence", validation_share=0.25), tmp_path / "pairs")
     data = load_pairs(tmp_path / "pairs")
     model, tok = tiny_model()  # a fresh one: PEFT wraps the model in place
@@ -159,6 +163,27 @@ def test_dpo_trainer_accepts_the_saved_dataset(records, tmp_path):
     result = trainer.train()
     assert result.global_step == 1 and math.isfinite(result.training_loss)
     assert json.dumps(trainer.state.log_history)  # serialisable
+
+
+def test_tools_are_stored_as_each_pairs_own_list_of_schemas(records, fol_problems, tmp_path):
+    schemas = {p.id: fol.toolset(p).openai_tools() for p in fol_problems}
+    for p in fol_problems[1::2]:  # another toolset for half the problems: other functions and parameters
+        schemas[p.id] = gsm8k.TOOLSET.openai_tools()
+    native = [{**r, "tools": schemas[r["problem_id"]]} for r in records]
+    save_pairs(build_pairs(native, strategy="first_divergence", validation_share=0.25), tmp_path / "pairs")
+    for name in ("train", "validation"):
+        rows = [json.loads(line) for line in (tmp_path / "pairs" / f"{name}.jsonl").read_text().splitlines()]
+        assert rows and all(row["tools"] == schemas[row["problem_id"]] for row in rows)  # a list, not JSON text
+    data = load_pairs(tmp_path / "pairs")
+    assert {row["problem_id"] for row in data["train"]} & {p.id for p in fol_problems[1::2]}
+    for split in data.values():  # each row its own schemas: no field of the other toolset, no None
+        assert all(row["tools"] == schemas[row["problem_id"]] for row in split)
+    # pair files of older runs hold the schemas as JSON text: read the same
+    (tmp_path / "old").mkdir()
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "train.jsonl").read_text().splitlines()]
+    text = "".join(json.dumps({**row, "tools": json.dumps(row["tools"])}) + "\n" for row in rows)
+    (tmp_path / "old" / "train.jsonl").write_text(text)
+    assert [row["tools"] for row in load_pairs(tmp_path / "old")["train"]] == [row["tools"] for row in rows]
 
 
 def test_step_pairs_take_the_reference_turn_against_a_failed_reply():

@@ -35,6 +35,7 @@ PROTOCOL_TEXT = (
     "When you know the answer, call {final}."
 )
 PROTOCOL_NATIVE = "Call one function per turn. When you know the answer, call {final}."
+PROTOCOLS = ("text", "native")  # how calls travel: in the reply's text, or as the API's tool_calls
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,12 @@ class AgentConfig(Settings):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    native_tools: bool = False  # send the OpenAI `tools` schema and read `tool_calls`
+    protocol: str = "text"  # 'text': one name(arg=value) call per reply; 'native': OpenAI `tools` and `tool_calls`
     stop: tuple[str, ...] = ("\n\n",)
+
+    @property
+    def native_tools(self) -> bool:
+        return self.protocol == "native"
 
     def faults(self) -> list[str]:
         wrong = [
@@ -80,6 +85,8 @@ class AgentConfig(Settings):
         ]
         if self.max_retries < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             wrong.append("max_retries and temperature must be >= 0 and top_p in (0, 1]")
+        if self.protocol not in PROTOCOLS:
+            wrong.append(f"protocol must be {' or '.join(PROTOCOLS)}, not {self.protocol!r}")
         return wrong
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import HfApi, try_to_load_from_cache
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,6 @@ def in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
 
 def hub_fault(repo_id: str, repo_type: str = "model", timeout: float = 10.0) -> str | None:
     """Why `repo_id` cannot be fetched from the hub now (offline, unreachable, not found), or None when it can."""
-    from huggingface_hub import HfApi
-
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
         (api.model_info if repo_type == "model" else api.dataset_info)(repo_id, timeout=timeout)

@@ -68,9 +68,12 @@ class TeacherSettings(Settings):
     price_prompt: float = 0.0  # USD per million prompt tokens, for the cost estimate
     price_completion: float = 0.0  # USD per million completion tokens
     skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or set aside and redo
+    protocol: str = "text"  # the agent's protocol (AgentConfig); step sampling needs 'text'
 
     def faults(self) -> list[str]:
         wrong = []
+        if self.step_samples and self.protocol != "text":
+            wrong.append("step_samples > 0 samples replies in the text protocol: set protocol=text or step_samples=0")
         if self.k < 2:
             wrong.append(f"k={self.k}: preference pairs need at least 2 chains per problem (k >= 2)")
         if self.concurrency < 1:
@@ -176,7 +179,7 @@ def sample_steps(
         raise ValueError("samples and chunk_size must be at least 1")
     config = config or AgentConfig()
     if config.native_tools:
-        raise ValueError("step sampling speaks the text protocol; set native_tools=False")
+        raise ValueError("step sampling speaks the text protocol: set protocol='text' or step_samples=0")
     by_id = {p.id: p for p in problems}
     references = [r for r in references if r["problem_id"] in by_id]
     path = Path(path)

@@ -7,7 +7,8 @@ It answers `/v1/chat/completions` from a `ScriptedBackend` (deterministic replie
 (that answer, e.g. with a `Retry-After`), or None for a normal answer. `times` holds when each
 request arrived, `bodies` what each sent. `refuse` names request parameters the server does not
 take, answered as OpenAI's reasoning models answer `max_tokens`: HTTP 400 with
-`param` and code `unsupported_parameter`.
+`param` and code `unsupported_parameter`. A request with `tools` is answered as the API answers
+it: the call as `tool_calls`, no text.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fclib.backends import GenerationSettings
 from fclib.backends.scripted import ScriptedBackend
+from fclib.protocol import parse_call
 
 Fault = Callable[[int, dict], "str | None"]
 
@@ -103,11 +105,17 @@ class FakeOpenAI:
                     time.sleep(server.delay_s)
                 settings = GenerationSettings(max_tokens=body.get("max_tokens", body.get("max_completion_tokens", 64)))
                 text = server.backend.chat([body["messages"]], settings)[0].text
-                choices = (
-                    []
-                    if fault == "empty"
-                    else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]
-                )
+                message = {"role": "assistant", "content": text}
+                if body.get("tools"):  # as the API answers when given tools: the call as tool_calls, no text
+                    call = parse_call(text, {t["function"]["name"] for t in body["tools"]})
+                    arguments = json.dumps(call.kwargs)
+                    function = {"name": call.name, "arguments": arguments}
+                    message = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": f"call{n}", "type": "function", "function": function}],
+                    }
+                choices = [] if fault == "empty" else [{"index": 0, "message": message, "finish_reason": "stop"}]
                 payload = {
                     "id": f"r{n}",
                     "object": "chat.completion",

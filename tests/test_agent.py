@@ -107,7 +107,7 @@ def test_native_tool_calls(queue_backend):
     call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 5}'}}
     final = {"id": "c2", "type": "function", "function": {"name": "final_answer", "arguments": '{"value": 8}'}}
     replies = [Reply("", 10, 5, tool_calls=[call]), Reply("", 10, 5, tool_calls=[final])]
-    chain, backend = solve(queue_backend, replies, native_tools=True)
+    chain, backend = solve(queue_backend, replies, protocol="native")
     assert chain.outcome == "correct" and chain.tools and chain.tools[0]["type"] == "function"
     assert chain.messages[chain.n_prompt]["tool_calls"] == [call]
     assert chain.messages[chain.n_prompt + 1] == {"role": "tool", "tool_call_id": "c1", "content": "Result: 8"}

@@ -18,7 +18,7 @@ from fclib.backends.endpoint import EndpointError, OpenAIBackend
 from fclib.backends.scripted import ScriptedBackend
 from fclib.chains import generate, read_chains
 from fclib.problems import write_problems
-from fclib.tasks import fol, gsm8k, reference_script
+from fclib.tasks import TASKS, fol, gsm8k, reference_script
 from fclib.teacher import summarize
 from tests.fake_openai import FakeOpenAI
 
@@ -95,6 +95,21 @@ def test_an_endpoint_refusing_max_tokens_or_seed_gets_what_it_takes(problems, tm
     with teacher(problems) as server:  # send_seed=False sends none from the start
         backend(server, send_seed=False).chat([[{"role": "user", "content": "x"}]], GenerationSettings())
         assert "seed" not in server.bodies[0]
+
+
+def test_the_native_protocol_sends_tools_and_reads_tool_calls(problems, tmp_path):
+    native = AgentConfig(max_steps=16, protocol="native")
+    with teacher(problems) as server:
+        records = generate(backend(server), problems, tmp_path / "chains.jsonl", k=2, config=native, source="t")
+        bodies = server.bodies
+    assert all(r["outcome"] == "correct" for r in records), [r["outcome"] for r in records]
+    assert all(body["tools"] and "stop" not in body for body in bodies)
+    by_id = {p.id: p for p in problems}
+    for r in records:
+        turns = [m for m in r["messages"][r["n_prompt"] :] if m["role"] == "assistant"]
+        assert turns and all(m["tool_calls"] and not m["content"] for m in turns)
+        schemas = TASKS[r["task"]].toolset(by_id[r["problem_id"]]).openai_tools()
+        assert r["tools"] == schemas  # stored with the chain, for the pairs
 
 
 def test_api_key_only_from_the_environment(monkeypatch):

@@ -111,6 +111,7 @@ def load_base(student: str, four_bit: bool) -> tuple[Any, Any]:
     try:
         if not four_bit:
             return load_model(student)
+        from accelerate import PartialState
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
@@ -120,8 +121,9 @@ def load_base(student: str, four_bit: bool) -> tuple[Any, Any]:
             bnb_4bit_use_double_quant=True,
         )
         source = resolve_model(student)
+        device = PartialState().local_process_index  # under accelerate launch: this process's own GPU
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+            source, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}
         )
         return model, load_tokenizer(source)
     except OSError as e:
@@ -258,7 +260,11 @@ def train(
     resume: bool = True,
     callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Train, save the adapter and the log; resumes from the last checkpoint when there is one."""
+    """Train, save the adapter and the log; resumes from the last checkpoint when there is one.
+
+    Under `accelerate launch` every process trains on its shard of the pairs and only the main
+    process writes the adapter and the log; `info["main_process"]` says which one this is.
+    """
     run_folder = Path(run_folder)
     checkpoint = last_checkpoint(run_folder) if resume else None
     if checkpoint:
@@ -269,9 +275,6 @@ def train(
             result = trainer.train(resume_from_checkpoint=checkpoint)
     if not math.isfinite(result.training_loss):
         raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
-    adapter = run_folder / "model" / "adapter"
-    trainer.model.save_pretrained(str(adapter))
-    trainer.processing_class.save_pretrained(str(adapter))
     info = {
         "settings": asdict(settings),
         "quantized_4bit": use_4bit(settings),
@@ -279,12 +282,18 @@ def train(
         "global_step": result.global_step,
         "training_loss": result.training_loss,
         "trainable_parameters": trainable_parameters(trainer.model),
+        "processes": trainer.args.world_size,
     }
+    if not trainer.is_world_process_zero():  # one writer under accelerate launch
+        return {**info, "main_process": False}
+    adapter = run_folder / "model" / "adapter"
+    trainer.model.save_pretrained(str(adapter))
+    trainer.processing_class.save_pretrained(str(adapter))
     (adapter / "fclib_training.json").write_text(json.dumps(info, indent=2))
     (adapter / "dpo_config.json").write_text(trainer.args.to_json_string())
     (run_folder / "train").mkdir(parents=True, exist_ok=True)
     (run_folder / "train" / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return info
+    return {**info, "main_process": True}
 
 
 def trainable_parameters(model: Any) -> dict[str, int]:
@@ -429,7 +438,8 @@ def merge_and_save(adapter_dir: str | Path, target: str | Path, base: str | None
 def main(argv: list[str] | None = None) -> None:
     """`python -m fclib.train --run-name NAME`: stage 4 alone, from the run's params.yaml and pairs.
 
-    The same code runs on several GPUs with `accelerate launch -m fclib.train --run-name NAME`.
+    The same code runs on several GPUs with `accelerate launch -m fclib.train --run-name NAME`: one
+    process per GPU, each on its shard of the pairs; the main process writes the adapter and log.
     """
 
     ap = argparse.ArgumentParser(prog="python -m fclib.train", description=main.__doc__.splitlines()[0])
@@ -445,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{params_path} not found: run the pipeline (notebooks 01-03) for {args.run_name!r} first")
     settings = TrainSettings.from_params(yaml.safe_load(params_path.read_text()))
     info = train(run_folder / "pairs", run_folder, settings, resume=not args.no_resume)
-    print(json.dumps({k: info[k] for k in ("global_step", "training_loss", "trainable_parameters")}))
+    if info["main_process"]:
+        print(json.dumps({k: info[k] for k in ("global_step", "training_loss", "trainable_parameters", "processes")}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,51 @@ def test_training_runs_alone_from_a_runs_parameters(pairs_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 1
     assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_train_one_adapter(pairs_dir, tmp_path):
+    """Two gloo processes on this CPU: each trains on its shard, one adapter and one log are written.
+
+    accelerate 1.15 starts several CPU processes only through `--multi_gpu` (its `--cpu` launcher
+    runs one process unless given an mpirun hostfile); without CUDA those processes use gloo.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fclib.pipeline import load_profile
+
+    env = {**os.environ, "FCLIB_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = {}
+    for name, launcher in (
+        ("one", [sys.executable, "-m", "fclib.train"]),
+        (
+            "two",
+            [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+            + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fclib.train"],
+        ),
+    ):
+        shutil.copytree(pairs_dir, tmp_path / name / "pairs")
+        params = load_profile("smoke", {"run_name": name, "train_max_steps": 2, "train_batch_size": 2})
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump({**params, "eval_steps": 0}))
+        proc = subprocess.run(
+            [*launcher, "--run-name", name], env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"')]
+        assert len(printed) == 1, proc.stdout  # the main process alone reports
+        log = json.loads((tmp_path / name / "train" / "log_history.json").read_text())
+        runs[name] = printed[0], [e for e in log if "loss" in e]
+    (one, one_log), (two, two_log) = runs["one"], runs["two"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["global_step"] == two["global_step"] == 2
+    assert (tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    assert two_log[0]["epoch"] == pytest.approx(2 * one_log[0]["epoch"], rel=0.35)  # each step saw 2 shards
+    assert two_log[0]["loss"] == pytest.approx(one_log[0]["loss"], rel=0.05)  # the same model, other pairs
+    assert two["training_loss"] == pytest.approx(one["training_loss"], rel=0.05)
 
 
 @pytest.mark.slow

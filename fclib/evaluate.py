@@ -41,7 +41,7 @@ class EvalSettings(Settings):
     """
 
     eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))  # the teacher is skipped when local
-    eval_limit: int = 0  # at most this many test problems per task (0: all)
+    eval_limit: int = 0  # at most this many test problems per task and FOL world size (0: all)
     eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
     eval_temperature: float = 0.0  # sampling temperature of evaluation
     skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
@@ -55,11 +55,13 @@ class EvalSettings(Settings):
         return wrong
 
     def problems(self, test: Sequence[Problem]) -> list[Problem]:
-        """The test problems evaluated: all, or the first `eval_limit` of each task."""
+        """The test problems evaluated: all, or the first `eval_limit` of each task (and of each FOL nmax)."""
         if not self.eval_limit:
             return list(test)
-        tasks = list(dict.fromkeys(p.task for p in test))
-        return [p for task in tasks for p in [q for q in test if q.task == task][: self.eval_limit]]
+        groups: dict[tuple[str, Any], list[Problem]] = {}
+        for p in test:
+            groups.setdefault((p.task, p.meta.get("nmax")), []).append(p)
+        return [p for group in groups.values() for p in group[: self.eval_limit]]
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -151,11 +153,24 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
             p = problems.get(r["problem_id"])
             if p is not None:
                 sizes.setdefault(int(p.meta["n"]), []).append(r["outcome"] == "correct")
-        out["by_size"] = {
-            str(s): {"accuracy": sum(v) / len(v), "n": len(v), "ci95": list(wilson(sum(v), len(v)))}
-            for s, v in sorted(sizes.items())
-        }
+        out["by_size"] = {str(s): _share(v) for s, v in sorted(sizes.items())}
+        nmaxes: dict[int, list[bool]] = {}
+        for r in records:
+            p = problems.get(r["problem_id"])
+            if p is not None and "nmax" in p.meta:
+                nmaxes.setdefault(int(p.meta["nmax"]), []).append(r["outcome"] == "correct")
+        if len(nmaxes) > 1:  # problems of several world sizes, as the paper reports them: each, and all
+            out["by_nmax"] = {str(k): _share(v) for k, v in sorted(nmaxes.items())}
     return out
+
+
+def _share(outcomes: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy, n and 95% Wilson interval of a list of verified outcomes."""
+    return {
+        "accuracy": sum(outcomes) / len(outcomes),
+        "n": len(outcomes),
+        "ci95": list(wilson(sum(outcomes), len(outcomes))),
+    }
 
 
 def paired_test(base: Sequence[Record], other: Sequence[Record]) -> dict[str, Any]:
@@ -335,6 +350,22 @@ def write_report(
                 f"{x['answer_accuracy']:.1%} | {x['valid_call_rate']:.1%} | {x['answered']:.1%} | "
                 f"{x['mean_calls']:.1f} |"
             )
+    by_nmax = {
+        label: tasks["fol"]["by_nmax"] for label, tasks in m["models"].items() if "by_nmax" in tasks.get("fol", {})
+    }
+    if by_nmax:
+        sizes = list(next(iter(by_nmax.values())))
+        lines += [
+            "",
+            "## FOL by world size, as the paper reports it",
+            "",
+            "| model | " + " | ".join(f"nmax {k}" for k in sizes) + " | all |",
+            "|---|" + "---|" * (len(sizes) + 1),
+        ]
+        for label, cells in by_nmax.items():
+            fol = m["models"][label]["fol"]
+            shown = [f"{cells[k]['accuracy']:.1%} (n={cells[k]['n']})" if k in cells else "-" for k in sizes]
+            lines.append(f"| {label} | " + " | ".join(shown) + f" | {fol['accuracy']:.1%} (n={fol['n']}) |")
     lines += ["", "## Paired comparison", ""]
     if m["paired"]:
         lines += [f"- {significance_sentence(task, p)}" for task, p in m["paired"].items()]

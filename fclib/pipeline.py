@@ -45,6 +45,28 @@ NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
 NEWLINE = b"\n"
 log = logging.getLogger(__name__)
 
+RECIPES = {  # what each recipe sets; `-p recipe=NAME` applies these values, then any other -p
+    # fclib's: pairs at the first divergent call plus step pairs, reference chains as chosen, an SFT term
+    "fclib": {
+        "pair_strategy": "first_divergence",
+        "use_reference": True,
+        "step_samples": 1,
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 1.0],
+    },
+    # arXiv 2410.18890 as it describes its method: whole correct vs incorrect teacher chains, teacher chains
+    # only, plain sigmoid DPO, FOL worlds of nmax 10 and 20. A run that says `recipe: paper` holds all of these.
+    "paper": {
+        "pair_strategy": "all",
+        "use_reference": False,
+        "step_samples": 0,
+        "loss_type": ["sigmoid"],
+        "loss_weights": [1.0],
+        "nmax": [10, 20],
+    },
+}
+PIPELINE_PARAMETERS = {"recipe": "fclib"}  # parameters of the run itself, which no notebook reads
+
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Parameters of a profile (profiles/NAME.yaml) with overrides applied.
@@ -58,7 +80,7 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
         raise SystemExit(f"no profile {name!r}; the profiles are: {known}")
     params, lines = _read_profile(path)
-    declared = notebook_parameters()
+    declared = {**notebook_parameters(), **PIPELINE_PARAMETERS}
     wrong = [
         f"{path}, line {lines[k]}: unknown parameter {k!r}{_did_you_mean(k, declared)}"
         for k in params
@@ -76,7 +98,10 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
         wrong.append(f"{path}: parameters missing: {', '.join(missing)} (a profile sets every parameter)")
     if wrong:
         raise SystemExit("bad profile:\n- " + "\n- ".join(wrong))
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if overrides.get("recipe") in RECIPES:  # the recipe's values first; the other overrides win
+        overrides = {**RECIPES[overrides["recipe"]], **overrides}
+    for key, value in overrides.items():
         if key not in params:
             raise SystemExit(
                 f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}"
@@ -185,6 +210,15 @@ def validate(params: dict[str, Any], profile: str = "") -> list[str]:
             build()
         except SettingsError as e:
             wrong += [fault for fault in e.faults if fault not in wrong]
+    recipe = params.get("recipe", "fclib")
+    if recipe not in RECIPES:
+        wrong.append(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    elif recipe == "paper":  # the name promises the paper's method: every value of it, or another recipe
+        wrong += [
+            f"recipe paper sets {key}: {value!r}, not {params[key]!r} (for other values use recipe fclib)"
+            for key, value in RECIPES["paper"].items()
+            if params[key] != value
+        ]
     if profile == "paper" and not params["teacher_url"]:
         wrong.append("the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL")
     return wrong

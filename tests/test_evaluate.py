@@ -103,6 +103,28 @@ def test_taxonomy_rates_and_sizes():
     }
 
 
+def test_fol_accuracy_by_nmax_as_the_paper_reports_it(tmp_path):
+    from fclib.evaluate import write_report
+
+    problems = [Problem(f"p{i}", "fol", "q", True, {"n": 3, "nmax": 10 if i < 4 else 20}) for i in range(8)]
+    solved = {"base": {"p0"}, "dpo": {"p0", "p1", "p2", "p4"}}
+    records = [rec(m, p.id, "correct" if p.id in solved[m] else "max_steps") for m in solved for p in problems]
+    m = metrics(records, problems)
+    assert m["models"]["dpo"]["fol"]["by_nmax"] == {
+        "10": {"accuracy": 0.75, "n": 4, "ci95": list(wilson(3, 4))},
+        "20": {"accuracy": 0.25, "n": 4, "ci95": list(wilson(1, 4))},
+    }
+    text = write_report(tmp_path, m, {"run_name": "t"}).read_text()
+    assert "| model | nmax 10 | nmax 20 | all |" in text
+    assert "| dpo | 75.0% (n=4) | 25.0% (n=4) | 50.0% (n=8) |" in text and "| base | 25.0% (n=4) | 0.0% (n=4) |" in text
+    from fclib.evaluate import EvalSettings
+
+    limited = EvalSettings(eval_limit=2).problems(problems)  # each size keeps its first two
+    assert [p.id for p in limited] == ["p0", "p1", "p4", "p5"] and EvalSettings().problems(problems) == problems
+    one_size = [Problem(p.id, "fol", "q", True, {"n": 3, "nmax": 10}) for p in problems]
+    assert "by_nmax" not in metrics(records, one_size)["models"]["dpo"]["fol"]  # one size: the table is the total
+
+
 def test_pass_at_k_and_majority_vote():
     assert pass_at_k(4, 0, 4) == 0 and pass_at_k(4, 1, 4) == 1 and pass_at_k(5, 1, 2) == pytest.approx(0.4)
     records = [

@@ -97,6 +97,24 @@ def test_notebook_profile_applies_only_when_asked(monkeypatch):
     assert namespace == {"run_name": "smoke", "k": 2, "local": 1}
 
 
+def test_a_recipe_sets_its_values_and_recipe_paper_holds_every_one():
+    endpoint = {"teacher_url": "https://api.example.org/v1", "teacher": "big"}
+    paper = pipeline.load_profile("paper", endpoint)
+    assert paper["recipe"] == "paper" and all(paper[k] == v for k, v in pipeline.RECIPES["paper"].items())
+    paper_on_cpu = pipeline.load_profile("cpu", {"recipe": "paper", "k": 4})
+    assert all(paper_on_cpu[k] == v for k, v in pipeline.RECIPES["paper"].items()) and paper_on_cpu["k"] == 4
+    fclib_at_paper_scale = pipeline.load_profile("paper", {**endpoint, "recipe": "fclib"})
+    assert all(fclib_at_paper_scale[k] == v for k, v in pipeline.RECIPES["fclib"].items())
+    assert fclib_at_paper_scale["nmax"] == [10, 20]  # the scale stays the profile's
+    cpu = pipeline.load_profile("cpu")
+    assert cpu["recipe"] == "fclib" and all(cpu[k] == v for k, v in pipeline.RECIPES["fclib"].items())
+    assert pipeline.load_profile("cpu", {"loss_type": ["sigmoid"], "loss_weights": [1.0]})  # fclib ablations
+    with pytest.raises(SystemExit, match=r"recipe paper sets loss_type: \['sigmoid'\], not \['sigmoid', 'sft'\]"):
+        pipeline.load_profile("cpu", {"recipe": "paper", "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 1]})
+    with pytest.raises(SystemExit, match="recipe must be one of fclib, paper"):
+        pipeline.load_profile("cpu", {"recipe": "mine"})
+
+
 def test_a_local_run_goes_offline_and_a_run_naming_hub_ids_stays_online(monkeypatch):
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)

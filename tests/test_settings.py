@@ -122,7 +122,8 @@ def test_the_cpu_profile_builds_each_stage_settings_at_its_defaults(settings):
 def test_every_run_parameter_is_a_field_of_a_stage_settings():
     cpu = pipeline.load_profile("cpu")
     read = {key for settings in SETTINGS for key in settings.run_parameters()}
-    assert set(cpu) - read == {"run_name"}, "run parameters no stage's settings declare"
+    own = {"run_name", *pipeline.PIPELINE_PARAMETERS}  # the run's name and recipe: the pipeline's own
+    assert set(cpu) - read == own, "run parameters no stage's settings declare"
     for notebook_parameter in pipeline.notebook_parameters():
         assert notebook_parameter in read | {"run_name"}, notebook_parameter
 

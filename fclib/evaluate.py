@@ -45,9 +45,12 @@ class EvalSettings(Settings):
     eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
     eval_temperature: float = 0.0  # sampling temperature of evaluation
     skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
+    eval_precision: str = "auto"  # auto (CPU: fp32; CUDA: 4bit for a QLoRA adapter, else bf16), fp32, bf16, 4bit
 
     def faults(self) -> list[str]:
         wrong = []
+        if self.eval_precision not in ("auto", "fp32", "bf16", "4bit"):
+            wrong.append(f"eval_precision must be auto, fp32, bf16 or 4bit, not {self.eval_precision!r}")
         if not self.eval_models or not set(self.eval_models) <= set(EVAL_MODELS):
             wrong.append(f"eval_models: some of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
         if self.eval_samples < 1 or self.eval_limit < 0 or self.eval_temperature < 0:

@@ -302,11 +302,38 @@ def trainable_parameters(model: Any) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool = False) -> tuple[Any, Any]:
-    """Base + trained adapter for evaluation (fp32, on the GPU if there is one); `merge=True` folds the adapter in.
+PRECISIONS = ("auto", "fp32", "bf16", "4bit")
 
-    The base is read from the adapter's training settings unless given. Merging always starts
-    from the full-precision base, never from the 4-bit one.
+
+def resolve_precision(precision: str = "auto", adapter_dir: str | Path | None = None) -> str:
+    """The precision a student is evaluated in. 'auto': fp32 on a CPU; on CUDA, 4-bit where the adapter
+    was trained on the 4-bit base (QLoRA: evaluated as trained, unmerged), else bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if not _cuda():
+        return "fp32"
+    info = Path(adapter_dir) / "fclib_training.json" if adapter_dir else None
+    return "4bit" if info and info.is_file() and json.loads(info.read_text()).get("quantized_4bit") else "bf16"
+
+
+def load_for_eval(name: str, precision: str = "fp32") -> tuple[Any, Any]:
+    """A model for evaluation in `precision` ('fp32', 'bf16': on the GPU if there is one; '4bit': nf4, CUDA only)."""
+    if precision == "4bit":
+        if not _cuda():
+            raise RuntimeError("precision '4bit' needs a CUDA GPU; on a CPU evaluate in fp32 (or 'auto')")
+        return load_base(name, four_bit=True)
+    return load_model(name, dtype={"fp32": "float32", "bf16": "bfloat16"}[precision])
+
+
+def load_student(
+    adapter_dir: str | Path, base: str | None = None, merge: bool = False, precision: str = "fp32"
+) -> tuple[Any, Any]:
+    """Base + trained adapter for evaluation, the base in `precision` (`resolve_precision`); `merge=True` folds
+    the adapter in (not into a 4-bit base: a QLoRA adapter is evaluated unmerged, as it was trained).
+
+    The base is read from the adapter's training settings unless given.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -316,7 +343,10 @@ def load_student(adapter_dir: str | Path, base: str | None = None, merge: bool =
         raise FileNotFoundError(f"no trained adapter at {adapter_dir}: run notebook 04 first")
     if base is None:
         base = json.loads((adapter_dir / "fclib_training.json").read_text())["settings"]["student"]
-    model, _ = load_model(base)
+    precision = resolve_precision(precision, adapter_dir)
+    if merge and precision == "4bit":
+        raise ValueError("a 4-bit base is evaluated with its adapter unmerged: merge=False")
+    model, _ = load_for_eval(base, precision)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()

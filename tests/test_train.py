@@ -383,3 +383,30 @@ def test_the_training_speed_ups_can_be_switched_off(pairs_dir, tmp_path, monkeyp
     info = train(pairs_dir, tmp_path, plain)
     assert info["global_step"] == 1 and math.isfinite(info["training_loss"])
     assert info["settings"]["share_prompt_prefix"] is False
+
+
+def test_the_evaluation_precision_follows_the_device_and_how_the_adapter_was_trained(tmp_path, monkeypatch):
+    import torch
+
+    import fclib.train
+    from fclib.train import load_for_eval, resolve_precision
+
+    qlora, lora = tmp_path / "qlora", tmp_path / "lora"
+    for folder, four_bit in ((qlora, True), (lora, False)):
+        folder.mkdir()
+        (folder / "fclib_training.json").write_text(json.dumps({"quantized_4bit": four_bit}))
+    monkeypatch.setattr(fclib.train, "_cuda", lambda: False)
+    assert resolve_precision("auto", qlora) == resolve_precision("auto", lora) == "fp32"  # a CPU: as before
+    monkeypatch.setattr(fclib.train, "_cuda", lambda: True)
+    assert resolve_precision("auto", qlora) == "4bit" and resolve_precision("auto", lora) == "bf16"
+    assert resolve_precision("auto") == "bf16" and resolve_precision("fp32", qlora) == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16")
+    monkeypatch.setattr(fclib.train, "_cuda", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_for_eval("embedded", "4bit")
+    model, _ = load_for_eval("embedded", "bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    (qlora / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="unmerged"):
+        load_student(qlora, base="embedded", merge=True, precision="4bit")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from fclib.agent import OUTCOMES, outcome_counts
+from fclib.backends.endpoint import OpenAIBackend
 from fclib.chains import set_aside_counts
 from fclib.problems import Problem
 from fclib.settings import Settings
@@ -46,6 +47,9 @@ class EvalSettings(Settings):
     eval_temperature: float = 0.0  # sampling temperature of evaluation
     skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
     eval_precision: str = "auto"  # auto (CPU: fp32; CUDA: 4bit for a QLoRA adapter, else bf16), fp32, bf16, 4bit
+    student_url: str = ""  # an OpenAI-compatible endpoint serving the base student (its id: `student`); "": in process
+    dpo_url: str = ""  # an endpoint serving the DPO student as `dpo_model` (vLLM --enable-lora); "": in process
+    dpo_model: str = "dpo"  # the DPO student's model id at dpo_url (vLLM: the name in --lora-modules NAME=ADAPTER)
 
     def faults(self) -> list[str]:
         wrong = []
@@ -55,7 +59,24 @@ class EvalSettings(Settings):
             wrong.append(f"eval_models: some of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
         if self.eval_samples < 1 or self.eval_limit < 0 or self.eval_temperature < 0:
             wrong.append("eval_samples >= 1, eval_limit >= 0 and eval_temperature >= 0")
+        for key in ("student_url", "dpo_url"):
+            if getattr(self, key) and not getattr(self, key).startswith(("http://", "https://")):
+                wrong.append(f"{key} must start with http:// or https://")
+        if self.dpo_url and not self.dpo_model:
+            wrong.append("dpo_url needs dpo_model, the DPO student's model id at that endpoint")
         return wrong
+
+    def served(self, url: str, model: str, teacher: Any) -> OpenAIBackend:
+        """A served student behind `url`, asked like the teacher's endpoint (`teacher`: its settings), checked now."""
+        backend = OpenAIBackend(
+            url,
+            model,
+            concurrency=teacher.concurrency,
+            timeout=teacher.request_timeout,
+            api_key_env=teacher.teacher_api_key_env,
+        )
+        backend.check()
+        return backend
 
     def problems(self, test: Sequence[Problem]) -> list[Problem]:
         """The test problems evaluated: all, or the first `eval_limit` of each task (and of each FOL nmax)."""

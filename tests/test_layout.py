@@ -82,7 +82,8 @@ def test_the_readme_layout_names_every_module():
 # Imported inside the functions that use them, and only there: each takes about a second or more
 # to import (measured on the 2-core CI machine: peft 13 s with its dependencies, statsmodels 4 s,
 # torch 3 s, papermill 3 s, datasets 2.4 s, transformers 2.1 s, scipy.stats 1.6 s, matplotlib 1.2 s,
-# openai 1.2 s, trl 0.6 s, accelerate 4 s, as it imports torch), and the parser, the loaders and the CLI's checks must not wait for them.
+# openai 1.2 s, trl 0.6 s, accelerate 4 s as it imports torch), and the parser, the loaders and the
+# CLI's checks must not wait for them.
 HEAVY = {
     "torch",
     "transformers",

@@ -410,3 +410,31 @@ def test_the_evaluation_precision_follows_the_device_and_how_the_adapter_was_tra
     (qlora / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="unmerged"):
         load_student(qlora, base="embedded", merge=True, precision="4bit")
+
+
+@pytest.mark.slow
+def test_a_served_dpo_student_gives_the_chains_of_the_in_process_one(trained, tmp_path):
+    """The DPO student merged, saved, served by `transformers serve` on loopback and evaluated through
+    the endpoint, as notebook 05 does with dpo_url: greedy, its chains are the in-process ones."""
+    from fclib.agent import AgentConfig
+    from fclib.backends.local import LocalBackend
+    from fclib.backends.server import LocalServer
+    from fclib.chains import generate
+    from fclib.evaluate import EvalSettings
+    from fclib.tasks import fol
+    from fclib.teacher import TeacherSettings
+
+    run, _ = trained
+    adapter = run / "model" / "adapter"
+    merged = merge_and_save(adapter, tmp_path / "merged", base="tiny")
+    problems = fol.generate(2, seed=7, nmax=4, split="test")
+    config = AgentConfig(max_steps=3, max_tokens_per_turn=12)  # greedy, as evaluation is
+    in_process = LocalBackend(*load_student(adapter, base="tiny", merge=True), model_id="dpo", batch_size=2)
+    here = generate(in_process, problems, tmp_path / "here.jsonl", k=1, config=config, source="dpo")
+    with LocalServer(str(merged), log_path=tmp_path / "server.log") as server:
+        settings = EvalSettings(dpo_url=server.base_url, dpo_model=server.model_dir)
+        served = settings.served(settings.dpo_url, settings.dpo_model, TeacherSettings(concurrency=2))
+        there = generate(served, problems, tmp_path / "there.jsonl", k=1, config=config, source="dpo")
+    assert all(r["outcome"] != "error" for r in there), [r["reason"] for r in there]
+    assert [r["messages"] for r in there] == [r["messages"] for r in here]
+    assert [r["outcome"] for r in there] == [r["outcome"] for r in here]

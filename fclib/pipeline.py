@@ -4,7 +4,7 @@ Runs the numbered notebooks in order into `outputs/<run_name>/notebooks/`, passi
 parameters to all of them (each notebook receives the ones its `parameters` cell declares),
 and stops at the first failing notebook, streaming each notebook's output to the terminal. Writes
 `params.yaml`, `env.json` (packages, machine, commit), and the wall time and peak memory of each
-notebook (`timings.json`, `memory.json`) beside them.
+notebook (`timings.json`, `memory.json`, and `gpu_memory.json` where nvidia-smi is) beside them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -340,18 +341,22 @@ def _git_state() -> dict[str, Any] | None:
 
 
 class PeakMemory:
-    """Peak resident memory of this process and all its children (the notebook's kernel, servers it starts).
+    """Peak resident memory of this process and all its children (the notebook's kernel, servers it starts),
+    and, where `nvidia-smi` is, peak GPU memory in use on the machine's GPUs.
 
-    Sampled every `interval` seconds in a background thread; `peak_gib` is the largest sum seen.
+    Sampled every `interval` seconds (GPU memory every `gpu_interval`) in a background thread;
+    `peak_gib` and `peak_gpu_gib` (None without nvidia-smi) are the largest sums seen.
     """
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak = interval, 0
+    def __init__(self, interval: float = 0.5, gpu_interval: float = 2.0):
+        self.interval, self.gpu_interval, self.peak = interval, gpu_interval, 0
+        self.peak_gpu: int | None = 0 if shutil.which("nvidia-smi") else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         me = psutil.Process()
+        next_gpu = 0.0
         while not self._stop.is_set():
             total = 0
             for proc in [me, *me.children(recursive=True)]:
@@ -360,6 +365,9 @@ class PeakMemory:
                 except psutil.Error:  # a child that ended between listing and reading
                     pass
             self.peak = max(self.peak, total)
+            if self.peak_gpu is not None and time.monotonic() >= next_gpu:
+                self.peak_gpu = max(self.peak_gpu, _gpu_memory_used())
+                next_gpu = time.monotonic() + self.gpu_interval
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -373,6 +381,25 @@ class PeakMemory:
     @property
     def peak_gib(self) -> float:
         return round(self.peak / 2**30, 2)
+
+    @property
+    def peak_gpu_gib(self) -> float | None:
+        return None if self.peak_gpu is None else round(self.peak_gpu / 2**30, 2)
+
+
+def _gpu_memory_used() -> int:
+    """Bytes of memory in use on all GPUs, by nvidia-smi (0 when it cannot tell)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return sum(int(float(line)) for line in out.split() if line.strip()) * 2**20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0
 
 
 def run(params: dict[str, Any], start: str | None = None, stop: str | None = None) -> Path:
@@ -394,6 +421,7 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
     timings = _read_json(run_folder / "timings.json")
     memory = _read_json(run_folder / "memory.json")
+    gpu_memory = _read_json(run_folder / "gpu_memory.json")
     todo = notebooks(start, stop)
     for i, nb in enumerate(todo, 1):
         declared = pm.inspect_notebook(str(nb))
@@ -420,6 +448,9 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
         timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
         (run_folder / "timings.json").write_text(json.dumps(timings, indent=2))
         (run_folder / "memory.json").write_text(json.dumps(memory, indent=2))
+        if peak.peak_gpu_gib is not None:
+            gpu_memory[nb.stem] = peak.peak_gpu_gib
+            (run_folder / "gpu_memory.json").write_text(json.dumps(gpu_memory, indent=2))
         log.info(
             "[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib
         )

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -280,3 +281,29 @@ def test_published_notebooks_are_the_five_executed_ones():
         page = path.read_text()
         assert 'class="output_area"' in page, f"{path.name} shows no output"
         assert "Traceback" not in page and "output_error" not in page, f"{path.name} shows an error"
+
+
+def test_the_gpu_check_is_local_and_says_at_once_when_there_is_no_gpu(tmp_path):
+    params = pipeline.load_profile("gpu-check")
+    assert pipeline.hub_sources(params) == []  # local weights only: the GPU machine may reach no network
+    assert (params["quantization"], params["eval_precision"], params["teacher_backend"]) == ("4bit", "bf16", "server")
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "FCLIB_OUTPUTS": str(tmp_path)}
+    proc = subprocess.run(
+        [str(PROJECT_ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("gpu_check: no CUDA GPU visible")
+    assert not list(tmp_path.iterdir()), "nothing may run without a GPU"
+
+
+def test_peak_gpu_memory_is_sampled_where_nvidia_smi_is(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # two GPUs, 1024 and 512 MiB in use
+    fake.write_text("#!/bin/sh\nprintf '1024\\n512\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pipeline.PeakMemory(interval=0.05, gpu_interval=0.05) as peak:
+        time.sleep(0.5)
+    assert peak.peak_gpu_gib == 1.5 and peak.peak_gib > 0
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pipeline.PeakMemory(interval=0.05) as peak:
+        time.sleep(0.1)
+    assert peak.peak_gpu_gib is None

@@ -442,7 +442,10 @@ def trl_metrics(adapter_dir: str | Path, pairs: Any, settings: TrainSettings) ->
 
     policy, tokenizer = load_student(adapter_dir, settings.student)
     reference, _ = load_model(settings.student)
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        completion_only_scoring() if settings.completion_only_scoring else nullcontext(),  # as in training
+    ):
         args = dpo_config(settings, Path(tmp), four_bit=False, has_eval=True)
         args.per_device_eval_batch_size = len(pairs)
         trainer = DPOTrainer(
@@ -453,7 +456,8 @@ def trl_metrics(adapter_dir: str | Path, pairs: Any, settings: TrainSettings) ->
             eval_dataset=pairs,
             processing_class=tokenizer,
         )
-        logged = trainer.evaluate()
+        with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
+            logged = trainer.evaluate()
     return {key.removeprefix("eval_"): value for key, value in logged.items()}
 
 

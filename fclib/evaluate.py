@@ -29,6 +29,7 @@ from fclib.backends.endpoint import OpenAIBackend
 from fclib.chains import set_aside_counts
 from fclib.problems import Problem
 from fclib.settings import Settings
+from fclib.train import PRECISIONS
 
 Record = Mapping[str, Any]
 EVAL_MODELS = ("base", "dpo", "teacher")
@@ -53,8 +54,8 @@ class EvalSettings(Settings):
 
     def faults(self) -> list[str]:
         wrong = []
-        if self.eval_precision not in ("auto", "fp32", "bf16", "4bit"):
-            wrong.append(f"eval_precision must be auto, fp32, bf16 or 4bit, not {self.eval_precision!r}")
+        if self.eval_precision not in PRECISIONS:
+            wrong.append(f"eval_precision must be one of {', '.join(PRECISIONS)}, not {self.eval_precision!r}")
         if not self.eval_models or not set(self.eval_models) <= set(EVAL_MODELS):
             wrong.append(f"eval_models: some of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
         if self.eval_samples < 1 or self.eval_limit < 0 or self.eval_temperature < 0:

@@ -36,7 +36,7 @@ from fclib.pairs import PairSettings
 from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV
 from fclib.settings import SettingsError
 from fclib.tasks import ProblemSettings, gsm8k
-from fclib.teacher import TeacherSettings, is_variable_name
+from fclib.teacher import KEY_REFUSED, TeacherSettings, is_variable_name
 from fclib.train import TrainSettings
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -108,10 +108,7 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str
                 f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}"
             )
         if key == "teacher_api_key_env" and not is_variable_name(value):
-            raise SystemExit(
-                "teacher_api_key_env takes the NAME of an environment variable that holds the key "
-                "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
-            )
+            raise SystemExit(KEY_REFUSED)
         fault = _type_fault(key, value, declared[key])
         if fault:
             raise SystemExit(fault)

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 STEP_VERDICTS = ("same", "same_function", "other_function", "wrong_answer", "invalid_call", "parse_error", "error")
 REJECTED_VERDICTS = ("other_function", "wrong_answer", "invalid_call", "parse_error")
 TEACHER_BACKENDS = ("inprocess", "server")
+KEY_REFUSED = (
+    "teacher_api_key_env takes the NAME of an environment variable that holds the key "
+    "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
+)
 API_KEY_PREFIXES = ("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_")  # what pasted keys start with
 
 
@@ -91,10 +95,7 @@ class TeacherSettings(Settings):
         if self.teacher_url and not self.teacher_url.startswith(("http://", "https://")):
             wrong.append("teacher_url must start with http:// or https://")
         if not is_variable_name(self.teacher_api_key_env):
-            wrong.append(
-                "teacher_api_key_env takes the NAME of an environment variable that holds the key "
-                "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
-            )
+            wrong.append(KEY_REFUSED)
         return wrong
 
     @contextmanager

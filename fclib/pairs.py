@@ -44,6 +44,7 @@ from fclib.settings import Settings
 from fclib.teacher import REJECTED_VERDICTS
 
 STRATEGIES = ("all", "random", "first_divergence")
+PAIR_KINDS = ("chains", "steps")  # whole-chain pairs (by strategy) and step pairs (notebook 02's step replies)
 REFERENCE = "reference"
 STEP_SUFFIX = "-step"  # source of a step reply as a rejected one-turn chain: "<teacher>-step"
 Record = Mapping[str, Any]
@@ -147,6 +148,7 @@ class PairSettings(Settings):
     validation_share: float = 0.1  # share of problems held out for validation (split by problem)
     max_length: int = 1280  # pairs longer than this many student tokens are dropped (training uses it too)
     step_samples: int = 1  # notebook 02's teacher replies per reference step; 0: no step pairs
+    pair_kinds: list[str] = field(default_factory=lambda: list(PAIR_KINDS))  # which pairs to make (ablations)
     skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or leave it out
 
     def faults(self) -> list[str]:
@@ -159,6 +161,8 @@ class PairSettings(Settings):
             wrong.append("max_pairs_per_problem must be >= 1")
         if self.max_length < 16:
             wrong.append(f"max_length must be >= 16, got {self.max_length}")
+        if not self.pair_kinds or not set(self.pair_kinds) <= set(PAIR_KINDS):
+            wrong.append(f"pair_kinds must be a non-empty list of {', '.join(PAIR_KINDS)}, not {self.pair_kinds!r}")
         return wrong
 
     def build(
@@ -175,6 +179,7 @@ class PairSettings(Settings):
             tokenizer=tokenizer,
             max_length=self.max_length,
             steps=steps,
+            kinds=self.pair_kinds,
         )
 
 
@@ -188,8 +193,12 @@ def build_pairs(
     tokenizer: Any = None,
     max_length: int | None = None,
     steps: Sequence[Record] = (),
+    kinds: Sequence[str] = PAIR_KINDS,
 ) -> PairSet:
     """Pairs from chain records (see the module docstring); `stats` says what was kept and dropped.
+
+    `kinds` says which pairs to make: "chains" (a verified chain against an incorrect one, by
+    `strategy`) and "steps" (step pairs, from `steps`); the default makes both.
 
     With a `tokenizer` (the student's), each pair's prompt+chosen and prompt+rejected are
     rendered with its chat template and counted; pairs longer than `max_length` tokens are
@@ -197,6 +206,8 @@ def build_pairs(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if not kinds or not set(kinds) <= set(PAIR_KINDS):
+        raise ValueError(f"kinds must be a non-empty list of {', '.join(PAIR_KINDS)}, not {kinds!r}")
     if max_pairs_per_problem < 1 or not 0 <= validation_share < 1:
         raise ValueError("max_pairs_per_problem must be >= 1 and validation_share in [0, 1)")
     if max_length is not None and tokenizer is None:
@@ -233,8 +244,8 @@ def build_pairs(
         dropped["correct but not verified (not used as chosen)"] += len(unverified)
         if not chosen and use_reference:
             chosen = [r for r in chains if r["source"] == REFERENCE and verified(r)]
-        rejected = [r for r in chains if incorrect(r)]
-        step_combos = _step_candidates(chains, steps_by_problem.get(pid, []))
+        rejected = [r for r in chains if incorrect(r)] if "chains" in kinds else []
+        step_combos = _step_candidates(chains, steps_by_problem.get(pid, [])) if "steps" in kinds else []
         if (not chosen or not rejected) and not step_combos:
             dropped[f"problems without {'a verified correct' if not chosen else 'an incorrect'} chain"] += 1
             continue
@@ -280,6 +291,7 @@ def build_pairs(
     stats = _stats(
         records, train, validation, dropped, strategy, max_pairs_per_problem, use_reference, seed, max_length
     )
+    stats["kinds"] = list(kinds)
     return PairSet(train, validation, stats)
 
 

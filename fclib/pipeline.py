@@ -43,6 +43,7 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = PROJECT_ROOT / "profiles"
 KERNEL = "fclib"  # the Jupyter kernel scripts/setup.sh installs (.venv's Python)
 NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
+LAST_STAGE = "05"  # the study's notebooks are 01-05; 06 compares finished runs (fclib.sweep runs it)
 NEWLINE = b"\n"
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ RECIPES = {  # what each recipe sets; `-p recipe=NAME` applies these values, the
         "pair_strategy": "first_divergence",
         "use_reference": True,
         "step_samples": 1,
+        "pair_kinds": ["chains", "steps"],
         "loss_type": ["sigmoid", "sft"],
         "loss_weights": [1.0, 1.0],
     },
@@ -61,6 +63,7 @@ RECIPES = {  # what each recipe sets; `-p recipe=NAME` applies these values, the
         "pair_strategy": "all",
         "use_reference": False,
         "step_samples": 0,
+        "pair_kinds": ["chains"],
         "loss_type": ["sigmoid"],
         "loss_weights": [1.0],
         "nmax": [10, 20],
@@ -282,8 +285,8 @@ def notebook_profile(namespace: dict[str, Any]) -> str | None:
 
 
 def notebooks(start: str | None = None, stop: str | None = None) -> list[Path]:
-    """The numbered notebooks in order, from `start` (e.g. '03') to `stop` (inclusive)."""
-    found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    """The study's numbered notebooks (01-05) in order, from `start` (e.g. '03') to `stop` (inclusive)."""
+    found = [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if p.name[:2] <= LAST_STAGE]
     if start:
         found = [p for p in found if p.name[:2] >= start.zfill(2)]
     if stop:

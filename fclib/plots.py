@@ -130,3 +130,25 @@ def side_by_side(*columns: tuple[str, str]) -> Any:
         for title, text in columns
     )
     return HTML(f"<table><tr>{cells}</tr></table>")
+
+
+def forest(rows: Sequence[dict[str, Any]], title: str = "DPO minus base, verified accuracy") -> Any:
+    """A forest plot: one line per row (`label`, `difference`, `ci95`; `pooled: True` drawn as a diamond)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.42 * len(rows)))
+    for y, row in enumerate(reversed(rows)):
+        lo, hi = row["ci95"]
+        d = row["difference"]
+        if row.get("pooled"):
+            ax.fill([lo, d, hi, d], [y, y + 0.25, y, y - 0.25], color="black")
+        else:
+            ax.plot([lo, hi], [y, y], color="tab:blue")
+            ax.plot([d], [y], "s", color="tab:blue", markersize=5)
+    ax.axvline(0, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [row["label"] for row in reversed(rows)])
+    ax.set_xlabel("difference in verified accuracy (95% CI)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from fclib.chains import verified
-from fclib.pairs import build_pairs, load_pairs, save_pairs
+from fclib.pairs import PairSettings, build_pairs, load_pairs, save_pairs
+from fclib.settings import SettingsError
 from fclib.tasks import fol, gsm8k, reference_script
 from tests.helpers import fol_chains, scripted_chain
 
@@ -234,3 +235,14 @@ def test_step_pairs_take_the_reference_turn_against_a_failed_reply():
         len(build_pairs([ref, bad], max_pairs_per_problem=2, use_reference=True, validation_share=0, steps=steps).train)
         == 2
     )
+    # pair_kinds, for ablations: whole-chain pairs only, or step pairs only
+    common = {"strategy": "first_divergence", "use_reference": True, "validation_share": 0, "steps": steps}
+    only_chains = build_pairs([ref, bad], kinds=["chains"], **common)
+    only_steps = build_pairs([ref, bad], kinds=["steps"], **common)
+    assert [(q["strategy"], q["call"]) for q in only_chains.train] == [("first_divergence", 2)]
+    assert sorted((q["strategy"], q["call"]) for q in only_steps.train) == [("step", 1), ("step", 3)]
+    assert only_steps.stats["kinds"] == ["steps"] and pairs.stats["kinds"] == ["chains", "steps"]
+    with pytest.raises(ValueError, match="kinds"):
+        build_pairs([ref, bad], kinds=[], **common)
+    with pytest.raises(SettingsError, match="pair_kinds"):
+        PairSettings(pair_kinds=["chain"])

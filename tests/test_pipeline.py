@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from fclib import pipeline
+from fclib import pipeline, sweep
 from fclib.problems import read_problems
 from fclib.runs import PROJECT_ROOT
 from fclib.teacher import REJECTED_VERDICTS, STEP_VERDICTS
@@ -211,6 +211,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert re.search(r"done in \d+ min \d+ s \(peak memory \d+\.\d+ GiB\)", proc.stdout)
     for nb in pipeline.notebooks():
         assert (run / "notebooks" / nb.name).is_file()
+    assert sweep.unclaimed(run) == []  # every file is some stage's output, so a sweep can copy a stage whole
     train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")
     assert len(train) == 12 and len(test) == 8
     assert (run / "figures" / "gsm8k_reference_coverage.png").stat().st_size > 1000

@@ -1,0 +1,245 @@
+"""Notebook 06: many finished runs side by side (a sweep's seeds and variants).
+
+The per-run numbers come from each run's `eval/metrics.json` (notebook 05). Over seeds, base
+and DPO are compared on each seed's own problems, and pooled two ways:
+
+- **Exact stratified test** (conditional McNemar over strata): within each seed only the
+  problems where base and DPO disagree carry information; under "no effect" each of them is
+  equally likely to favour either model, so the DPO-only count summed over seeds is
+  Binomial(all discordant problems, 1/2). Two-sided exact p-value.
+- **Random-effects interval** of the mean per-seed difference in verified accuracy:
+  DerSimonian-Laird between-seed variance tau^2 with the Hartung-Knapp(-Sidik-Jonkman) interval
+  (t distribution with seeds - 1 degrees of freedom, not narrower than the fixed-effect one),
+  the recommended interval for few studies. Each seed's difference uses the Agresti-Min adjusted
+  counts, as notebook 05's per-run interval does, so a seed where both models score 0 still has
+  a variance.
+- **Hierarchical bootstrap** as a check: seeds resampled, then problems within each seed
+  (from its 2x2 table), the percentile interval of the mean difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fclib.runs import PROJECT_ROOT
+
+RECORDED_SWEEP = PROJECT_ROOT / "docs" / "sweeps" / "cpu-seeds"  # the cpu default over seeds 0-4, as run here
+MODELS = ("base", "dpo")
+COLUMNS = {  # metrics.json field: column name
+    "accuracy": "verified",
+    "answer_accuracy": "answer right",
+    "valid_call_rate": "valid calls",
+    "answered": "answered",
+    "mean_calls": "calls/chain",
+}
+
+
+@dataclass
+class RunResult:
+    """One finished run: its name, variant and seed, parameters, metrics and wall times."""
+
+    name: str
+    variant: str
+    seed: int
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wall_s(self) -> float:
+        return float(sum(self.timings.values()))
+
+
+def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
+    """The finished runs of a sweep folder (its `sweep.json` names them and their variants), of a folder
+    of run folders, or of a list of run folders. A run without `eval/metrics.json` is left out."""
+    if isinstance(where, str | Path):
+        folder = Path(where)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder {folder}")
+        sweep = folder / "sweep.json"
+        if sweep.is_file():
+            entries = json.loads(sweep.read_text())["runs"]
+            named = [(folder / e["name"], e.get("variant", "default")) for e in entries]
+        elif (folder / "eval" / "metrics.json").is_file():
+            named = [(folder, None)]
+        else:
+            named = [(p, None) for p in sorted(folder.iterdir()) if (p / "eval" / "metrics.json").is_file()]
+    else:
+        named = [(Path(p), None) for p in where]
+    found = []
+    for path, variant in named:
+        if not (path / "eval" / "metrics.json").is_file():
+            continue
+        params = yaml.safe_load((path / "params.yaml").read_text()) if (path / "params.yaml").is_file() else {}
+        timings = json.loads((path / "timings.json").read_text()) if (path / "timings.json").is_file() else {}
+        found.append(
+            RunResult(
+                name=path.name,
+                variant=variant or re.sub(r"-?s\d+$", "", path.name) or "default",
+                seed=int(params.get("seed", 0)),
+                params=params,
+                metrics=json.loads((path / "eval" / "metrics.json").read_text()),
+                timings=timings,
+            )
+        )
+    if not found:
+        raise FileNotFoundError(f"no finished run (eval/metrics.json) in {where}")
+    return found
+
+
+def seed_table(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per run, task and model: the run's headline numbers."""
+    rows = []
+    for r in results:
+        for task in sorted({t for m in MODELS for t in r.metrics["models"].get(m, {})}):
+            for model in MODELS:
+                x = r.metrics["models"].get(model, {}).get(task)
+                if x is None:
+                    continue
+                rows.append(
+                    {
+                        "variant": r.variant,
+                        "seed": r.seed,
+                        "task": task,
+                        "model": model,
+                        "n": x["n"],
+                        **{col: x[key] for key, col in COLUMNS.items()},
+                    }
+                )
+    return rows
+
+
+def _seed_difference(table: dict[str, int]) -> tuple[float, float, float]:
+    """(difference in verified accuracy, its Agresti-Min adjusted value, that value's variance) of one seed."""
+    b, c = table["base_only"], table["other_only"]
+    n = b + c + table["both"] + table["neither"]
+    bs, cs, ns = b + 0.5, c + 0.5, n + 2
+    return (c - b) / n, (cs - bs) / ns, max((bs + cs) - (cs - bs) ** 2 / ns, 1e-12) / ns**2
+
+
+def pooled_effect(
+    results: Sequence[RunResult], task: str = "fol", bootstrap: int = 10000, seed: int = 0
+) -> dict[str, Any]:
+    """Base vs DPO over the runs (one a seed) on `task`: the exact stratified test, the random-effects
+    mean difference with its Hartung-Knapp interval, and a hierarchical bootstrap interval."""
+    from scipy.stats import binomtest, t
+
+    tables = [r.metrics["paired"][task]["table"] for r in results if task in r.metrics.get("paired", {})]
+    k = len(tables)
+    if k == 0:
+        raise ValueError(f"no run compares base and DPO on {task}")
+    b = sum(x["base_only"] for x in tables)
+    c = sum(x["other_only"] for x in tables)
+    p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
+    raw, adjusted, var = (np.array(v) for v in zip(*(_seed_difference(x) for x in tables)))
+    w = 1 / var
+    fixed = float(np.sum(w * adjusted) / np.sum(w))
+    q = float(np.sum(w * (adjusted - fixed) ** 2))
+    tau2 = max(0.0, (q - (k - 1)) / (np.sum(w) - np.sum(w**2) / np.sum(w))) if k > 1 else 0.0
+    ws = 1 / (var + tau2)
+    mean = float(np.sum(ws * adjusted) / np.sum(ws))
+    if k > 1:
+        hk = float(np.sum(ws * (adjusted - mean) ** 2) / ((k - 1) * np.sum(ws)))
+        se = math.sqrt(max(hk, 1 / float(np.sum(ws))))
+        half = float(t.ppf(0.975, k - 1)) * se
+    else:
+        se = math.sqrt(1 / float(np.sum(ws)))
+        half = 1.96 * se
+    rng = np.random.default_rng(seed)
+    cells = [np.array([x["both"], x["base_only"], x["other_only"], x["neither"]], dtype=float) for x in tables]
+    boots = np.empty(bootstrap)
+    for i in range(bootstrap):
+        picked = rng.integers(0, k, size=k)
+        diffs = []
+        for j in picked:
+            n = int(cells[j].sum())
+            draw = rng.multinomial(n, cells[j] / n)
+            diffs.append((draw[2] - draw[1]) / n)
+        boots[i] = np.mean(diffs)
+    return {
+        "task": task,
+        "seeds": k,
+        "n": int(sum(sum(x.values()) for x in tables)),
+        "base_correct": int(sum(x["both"] + x["base_only"] for x in tables)),
+        "dpo_correct": int(sum(x["both"] + x["other_only"] for x in tables)),
+        "base_only": b,
+        "dpo_only": c,
+        "p_value": p_value,
+        "test": "exact stratified McNemar (DPO-only among discordant problems, all seeds), two-sided",
+        "mean_difference": float(np.mean(raw)),
+        "random_effects": {
+            "difference": mean,
+            "ci95": [mean - half, mean + half],
+            "tau2": tau2,
+            "method": "DerSimonian-Laird tau^2, Hartung-Knapp interval (t, seeds - 1 df)",
+        },
+        "bootstrap_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "per_seed": [float(d) for d in raw],
+    }
+
+
+def pooled_valid_calls(results: Sequence[RunResult], task: str = "fol") -> dict[str, Any]:
+    """Valid-call rates over seeds: the exact sign test on the problems where DPO's share is higher or
+    lower than base's, pooled over seeds; and the mean of each model's per-seed rate."""
+    from scipy.stats import binomtest
+
+    rows = [r.metrics["paired"][task]["valid_calls"] for r in results if task in r.metrics.get("paired", {})]
+    higher, lower = sum(x["higher"] for x in rows), sum(x["lower"] for x in rows)
+    return {
+        "task": task,
+        "seeds": len(rows),
+        "base_rate": float(np.mean([x["base_rate"] for x in rows])) if rows else float("nan"),
+        "dpo_rate": float(np.mean([x["other_rate"] for x in rows])) if rows else float("nan"),
+        "higher": higher,
+        "lower": lower,
+        "p_value": float(binomtest(higher, higher + lower, 0.5).pvalue) if higher + lower else 1.0,
+    }
+
+
+def by_variant(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """The runs grouped by variant, in the order variants first appear."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(r.variant, []).append(r)
+    return groups
+
+
+def ablation_table(results: Sequence[RunResult], task: str = "fol") -> list[dict[str, Any]]:
+    """One row per variant: its seeds, mean accuracies, pooled difference with interval and p-value."""
+    rows = []
+    for variant, group in by_variant(results).items():
+        pooled = pooled_effect(group, task, bootstrap=2000)
+        calls = pooled_valid_calls(group, task)
+        lo, hi = pooled["random_effects"]["ci95"]
+        rows.append(
+            {
+                "variant": variant,
+                "seeds": " ".join(str(r.seed) for r in group),
+                "base": pooled["base_correct"] / pooled["n"],
+                "DPO": pooled["dpo_correct"] / pooled["n"],
+                "difference": pooled["random_effects"]["difference"],
+                "95% CI": f"{lo:+.3f} to {hi:+.3f}",
+                "p (stratified)": pooled["p_value"],
+                "valid calls base": calls["base_rate"],
+                "valid calls DPO": calls["dpo_rate"],
+                "changed": ", ".join(
+                    f"{k}={v}" for k, v in _changed(group[0].params, results[0].params).items() if k != "seed"
+                )
+                or "-",
+            }
+        )
+    return rows
+
+
+def _changed(params: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "run_name" and reference.get(k) != v}

@@ -1,0 +1,438 @@
+"""Many whole studies in one command: `python -m fclib.sweep --profile cpu --seeds 0-4 [-p key=v1,v2 ...]`.
+
+A sweep is a grid: every seed times every combination of the `-p` values (and, with
+`--variants FILE`, every named variant of that file). Each cell is one whole study, run by
+`fclib.pipeline` into its own run folder, `outputs/<sweep>/<variant>-s<seed>/`. Then notebook 06
+compares them all (`outputs/<sweep>/06_compare_runs.ipynb`, figures in `outputs/<sweep>/figures/`).
+
+- **Shared stages run once.** A run whose parameters up to notebook NN equal those of an earlier
+  run of the sweep (every parameter notebooks 01..NN read) copies that run's outputs of 01..NN
+  and starts at the next notebook: the chains of one seed are generated once for all variants
+  that differ only from notebook 03 on.
+  `--reuse FOLDER` adds the finished runs of another sweep as sources (say, the ablations of a
+  seeds sweep: the default variant is copied whole, the others take its chains).
+- **Resumable.** Killed, the same command carries on: finished notebooks of each run are kept
+  (their wall times are in the run's `timings.json`), a run stopped inside notebook 04 resumes
+  from its last checkpoint.
+- **Recorded.** `outputs/<sweep>/sweep.json` holds the grid, the commit, and each run's state,
+  what it reused and its wall time, rewritten after every run; `--record DIR` also copies each
+  run's results (parameters, timings, memory, metrics, report) into DIR, e.g. a tracked folder.
+- A run that fails is recorded as failed and the sweep goes on with the others; the exit status
+  is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fclib import pipeline, runs
+
+log = logging.getLogger(__name__)
+
+# What each notebook writes in a run folder (folders, files, glob patterns), so that a run can take
+# another's outputs of the stages they share. A test checks that a smoke run writes nothing else.
+STAGE_OUTPUTS = {
+    "01": ["problems", "figures/gsm8k_*"],
+    "02": ["chains", "figures/teacher_*"],
+    "03": ["pairs", "figures/pair_*"],
+    "04": ["model", "train", "figures/margins_*", "figures/training_*", "figures/dpo_loss_*"],
+    "05": ["eval", "report.md", "figures/eval_*"],
+}
+RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memory.json", "notebooks"]
+RUN_FILES += ["screenshots"]  # the browser test's, of notebook 01 in JupyterLab: no stage's output
+RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json", "report.md"]
+COMPARE_NOTEBOOK = pipeline.NOTEBOOKS / "06_compare_runs.ipynb"
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class Run:
+    """One cell of the grid: its name, what it changes in the profile, and its whole parameter set."""
+
+    name: str
+    variant: str
+    seed: int
+    overrides: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,7' and '0-2,5' too."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise SystemExit(f"--seeds takes numbers and ranges like 0-4 or 0,2,5; got {text!r}")
+        seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
+def split_values(text: str) -> list[Any]:
+    """The values of `-p key=v1,v2`, each typed like YAML; commas inside [...] belong to a list value."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    values = []
+    for part in parts:
+        try:
+            values.append(yaml.safe_load(part))
+        except yaml.YAMLError:
+            values.append(part)
+    return values
+
+
+def _slug(value: Any) -> str:
+    text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+_-]", "", text.replace(" ", ""))[:40] or "empty"
+
+
+def grid(
+    seeds: list[int], axes: dict[str, list[Any]] | None = None, variants: dict[str, dict[str, Any]] | None = None
+) -> list[Run]:
+    """The runs of a sweep, seed by seed (so a seed's shared stages come first and are reused at once).
+
+    `axes` ({key: [values]}) make a full grid; `variants` ({name: overrides}) are named rows added to
+    each cell of it. With neither, one variant: the profile itself.
+    """
+    cells: list[tuple[str, dict[str, Any]]] = [("", {})]
+    for key, values in (axes or {}).items():
+        cells = [(f"{name}_{key}-{_slug(v)}".lstrip("_"), {**over, key: v}) for name, over in cells for v in values]
+    if variants:
+        cells = [
+            (f"{name}_{vname}".lstrip("_"), {**over, **vover})
+            for name, over in cells
+            for vname, vover in variants.items()
+        ]
+    found = []
+    for seed in seeds:
+        for name, over in cells:
+            run_name = f"{name}-s{seed}" if name else f"s{seed}"
+            found.append(Run(run_name, name or "default", seed, {**over, "seed": seed}))
+    names = [r.name for r in found]
+    if len(set(names)) != len(names):
+        raise SystemExit("two runs of the sweep would have the same name; give the variants distinct names")
+    return found
+
+
+def stage_keys(params: dict[str, Any], declared: dict[str, set[str]]) -> dict[str, str]:
+    """{notebook NN: digest of every parameter notebooks 01..NN read}: equal digests, equal outputs."""
+    keys, seen = {}, set()
+    for nn in sorted(declared):
+        seen |= declared[nn] - {"run_name"}
+        text = json.dumps({k: params.get(k) for k in sorted(seen)}, sort_keys=True)
+        keys[nn] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return keys
+
+
+def declared_parameters() -> dict[str, set[str]]:
+    """{NN: the parameters notebook NN's parameters cell declares} for the study's notebooks."""
+    import papermill as pm
+
+    return {nb.name[:2]: set(pm.inspect_notebook(str(nb))) for nb in pipeline.notebooks()}
+
+
+def done_notebooks(folder: Path, params: dict[str, Any]) -> list[str]:
+    """The notebooks (NN) a run folder has finished with these parameters, in order, stopping at the first not done."""
+    if not (folder / "params.yaml").is_file():
+        return []
+    if yaml.safe_load((folder / "params.yaml").read_text()) != params:
+        raise SystemExit(f"{folder} holds a run with other parameters; remove it, or give the sweep another --name")
+    timings = _read_json(folder / "timings.json")
+    done = []
+    for nb in pipeline.notebooks():
+        if nb.stem not in timings:
+            break
+        done.append(nb.name[:2])
+    return done
+
+
+def copy_stages(source: Path, target: Path, stages: list[str]) -> None:
+    """Copy `source`'s outputs of `stages` (and their executed notebooks, times and memory) into `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for nn in stages:
+        for pattern in STAGE_OUTPUTS[nn]:
+            for path in sorted(source.glob(pattern)):
+                dest = target / path.relative_to(source)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_dir():
+                    shutil.copytree(path, dest, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(path, dest)
+        for nb in (source / "notebooks").glob(f"{nn}_*.ipynb"):
+            (target / "notebooks").mkdir(exist_ok=True)
+            shutil.copy2(nb, target / "notebooks" / nb.name)
+    for name in ("timings.json", "memory.json", "gpu_memory.json"):
+        old = _read_json(source / name)
+        kept = {k: v for k, v in old.items() if k[:2] in stages}
+        if kept:
+            (target / name).write_text(json.dumps({**_read_json(target / name), **kept}, indent=2))
+
+
+def unclaimed(folder: Path) -> list[str]:
+    """Files of a run folder that no stage (STAGE_OUTPUTS) and no run-level file (RUN_FILES) claims."""
+    claimed = [p for patterns in STAGE_OUTPUTS.values() for p in patterns] + RUN_FILES
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(fnmatch(str(rel), p) or str(rel).startswith(p + "/") for p in claimed):
+            found.append(str(rel))
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Sweep:
+    """A planned sweep in `outputs/<name>/`: its runs, their state, and its record (sweep.json)."""
+
+    def __init__(
+        self,
+        name: str,
+        profile: str,
+        runs_: list[Run],
+        spec: dict[str, Any],
+        record: Path | None = None,
+        reuse: list[Path] = (),
+    ):
+        self.folder = runs.run_folder(name)
+        self.name, self.profile, self.runs, self.spec, self.record = name, profile, runs_, spec, record
+        self.declared = declared_parameters()
+        for run in self.runs:  # every run's parameters checked before anything starts
+            run.params = pipeline.load_profile(profile, {**run.overrides, "run_name": run.name})
+        self.keys = {run.name: stage_keys(run.params, self.declared) for run in self.runs}
+        self.elsewhere = []  # (folder, parameters) of finished runs of other sweeps (--reuse), also sources
+        for where in reuse:
+            for params_file in sorted(Path(where).glob("*/params.yaml")):
+                self.elsewhere.append((params_file.parent, yaml.safe_load(params_file.read_text())))
+        self.state = _read_json(self.folder / SWEEP_FILE)
+        planned = [r.name for r in self.runs]
+        if self.state and [r["name"] for r in self.state.get("runs", [])] != planned:
+            raise SystemExit(
+                f"{self.folder} holds another sweep ({len(self.state.get('runs', []))} runs: "
+                f"{', '.join(r['name'] for r in self.state.get('runs', [])[:4])}...); give this one another --name"
+            )
+        if not self.state:
+            self.state = {
+                "name": name,
+                "profile": profile,
+                **spec,
+                "commit": (pipeline._git_state() or {}).get("commit"),
+                "started": _now(),
+                "runs": [
+                    {
+                        "name": r.name,
+                        "variant": r.variant,
+                        "seed": r.seed,
+                        "overrides": r.overrides,
+                        "status": "planned",
+                    }
+                    for r in self.runs
+                ],
+            }
+        self.state.setdefault("sessions", []).append({"started": _now(), "commit": pipeline._git_state()})
+
+    def source_for(self, run: Run, upto: int) -> tuple[Path | None, list[str]]:
+        """The run folder (an earlier run of this sweep, or one of --reuse) whose finished stages share the
+        most with `run`'s, and those stages."""
+        best: tuple[Path | None, list[str]] = (None, [])
+        candidates = [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
+        for folder, params in candidates:
+            keys = stage_keys(params, self.declared)
+            shared = []
+            for nn in done_notebooks(folder, params):
+                if keys[nn] != self.keys[run.name][nn]:
+                    break
+                shared.append(nn)
+            if len(shared) > len(best[1]):
+                best = (folder, shared)
+        return best
+
+    def save(self) -> None:
+        (self.folder / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
+        if self.record:
+            self.record.mkdir(parents=True, exist_ok=True)
+            (self.record / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
+
+    def record_run(self, run: Run) -> None:
+        if not self.record:
+            return
+        for rel in RECORDED:
+            path = self.folder / run.name / rel
+            if path.is_file():
+                dest = self.record / run.name / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+
+    def run_all(self) -> list[str]:
+        """Run every run not yet finished, in order; returns the names of those that failed."""
+        os.environ["FCLIB_OUTPUTS"] = str(self.folder)  # the runs' folders, for this process and the kernels
+        failed = []
+        t_sweep = time.perf_counter()
+        for i, run in enumerate(self.runs):
+            entry = self.state["runs"][i]
+            folder = self.folder / run.name
+            done = done_notebooks(folder, run.params)
+            all_nn = [nb.name[:2] for nb in pipeline.notebooks()]
+            if done == all_nn:
+                log.info("[sweep %d/%d] %s: done before, kept", i + 1, len(self.runs), run.name)
+                entry["status"] = "done"
+                self.record_run(run)
+                continue
+            if not done:
+                source, shared = self.source_for(run, i)
+                if source is not None:
+                    copy_stages(source, folder, shared)
+                    here = source.parent == self.folder
+                    entry["reused"] = {"from": source.name if here else str(source), "notebooks": shared}
+                    done = shared
+            if done == all_nn:  # every stage equals another run's: a copy of it
+                log.info(
+                    "[sweep %d/%d] %s: all reused from %s", i + 1, len(self.runs), run.name, entry["reused"]["from"]
+                )
+                (folder / "params.yaml").write_text(yaml.safe_dump(run.params, sort_keys=False))
+                entry["status"], entry["wall_s"] = "done", 0.0
+                entry["timings"] = _read_json(folder / "timings.json")
+                self.record_run(run)
+                self.save()
+                continue
+            start = all_nn[len(done)]
+            log.info(
+                "[sweep %d/%d] %s: notebooks %s-%s%s",
+                i + 1,
+                len(self.runs),
+                run.name,
+                start,
+                all_nn[-1],
+                f" (01-{done[-1]} {'reused from ' + entry['reused']['from'] if 'reused' in entry else 'done before'})"
+                if done
+                else "",
+            )
+            entry["status"] = "running"
+            self.save()
+            t0 = time.perf_counter()
+            try:
+                pipeline.run(run.params, start=start)
+                entry["status"] = "done"
+            except SystemExit as e:  # a notebook failed: recorded, and the sweep goes on
+                entry["status"], entry["error"] = "failed", str(e)[:2000]
+                failed.append(run.name)
+                log.error("[sweep %d/%d] %s failed: %s", i + 1, len(self.runs), run.name, e)
+            entry["wall_s"] = round(entry.get("wall_s", 0) + time.perf_counter() - t0, 1)
+            entry["timings"] = _read_json(folder / "timings.json")
+            self.record_run(run)
+            self.save()
+        self.state["wall_s"] = round(self.state.get("wall_s", 0) + time.perf_counter() - t_sweep, 1)
+        self.save()
+        return failed
+
+    def compare(self) -> Path:
+        """Notebook 06 on this sweep's runs, executed into the sweep folder."""
+        import papermill as pm
+
+        target = self.folder / COMPARE_NOTEBOOK.name
+        pm.execute_notebook(
+            str(COMPARE_NOTEBOOK),
+            str(target),
+            parameters={"runs_folder": str(self.folder)},
+            cwd=str(pipeline.NOTEBOOKS),
+            kernel_name=pipeline.KERNEL,
+            progress_bar=False,
+        )
+        if self.record:
+            shutil.copy2(target, self.record / target.name)
+            for fig in (self.folder / "figures").glob("*.png"):
+                (self.record / "figures").mkdir(exist_ok=True)
+                shutil.copy2(fig, self.record / "figures" / fig.name)
+        return target
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_variants(path: Path) -> dict[str, dict[str, Any]]:
+    """{name: overrides} from a YAML file mapping each variant's name to the parameters it changes."""
+    try:
+        variants = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"--variants {path}: {e}") from None
+    if not isinstance(variants, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict | type(None)) for k, v in variants.items()
+    ):
+        raise SystemExit(f"--variants {path}: a mapping of variant name to {{parameter: value}}, one per variant")
+    for name in variants:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,40}", name):
+            raise SystemExit(f"--variants {path}: variant name {name!r} must be letters, digits, '.', '+', '_', '-'")
+    return {k: dict(v or {}) for k, v in variants.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fclib.sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu", help="profiles/NAME.yaml every run starts from")
+    ap.add_argument("--seeds", default="0", help="seeds: 0-4, or 0,2,5 (default 0)")
+    ap.add_argument("-p", dest="axes", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis")
+    ap.add_argument("--variants", type=Path, help="YAML file: {variant name: {parameter: value}}")
+    ap.add_argument("--name", help="folder under outputs/ (default: <profile>-sweep)")
+    ap.add_argument("--record", type=Path, help="also copy each run's results and sweep.json into this folder")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="another sweep's folder: its finished stages are copied where they equal a run's",
+    )
+    ap.add_argument("--no-compare", action="store_true", help="do not run notebook 06 at the end")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    axes: dict[str, list[Any]] = {}
+    for item in args.axes:
+        if "=" not in item:
+            raise SystemExit(f"-p expects KEY=V1,V2, got {item!r}")
+        key, values = item.split("=", 1)
+        axes[key.strip()] = split_values(values)
+    variants = read_variants(args.variants) if args.variants else None
+    spec = {"seeds": parse_seeds(args.seeds), "axes": axes, "variants": variants}
+    spec["reuse"] = [str(p) for p in args.reuse]
+    name = args.name or f"{args.profile}-sweep"
+    sweep = Sweep(name, args.profile, grid(spec["seeds"], axes, variants), spec, args.record, args.reuse)
+    log.info("sweep %s: %d runs into %s", sweep.name, len(sweep.runs), sweep.folder)
+    t0 = time.perf_counter()
+    failed = sweep.run_all()
+    if not args.no_compare and len(sweep.runs) > len(failed):
+        log.info("sweep %s: comparing the runs (notebook 06)", sweep.name)
+        sweep.compare()
+    minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    print(
+        f"sweep {sweep.name}: {len(sweep.runs) - len(failed)} of {len(sweep.runs)} runs done in {minutes} min "
+        f"{seconds} s; record: {sweep.folder / SWEEP_FILE}"
+    )
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (each run's error is in {sweep.folder / SWEEP_FILE})")
+
+
+if __name__ == "__main__":
+    main()

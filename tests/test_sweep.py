@@ -1,0 +1,183 @@
+"""fclib.sweep (grids of whole studies, shared stages run once, resumable) and fclib.compare (notebook 06)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from fclib import compare, sweep
+
+
+def test_seeds_and_values_parse_as_written():
+    assert sweep.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert sweep.parse_seeds("0-1,5") == [0, 1, 5]
+    for bad in ("4-0", "a", "1,1", ""):
+        with pytest.raises(SystemExit):
+            sweep.parse_seeds(bad)
+    assert sweep.split_values("0.1,0.2") == [0.1, 0.2]
+    assert sweep.split_values("[sigmoid],[sigmoid, sft]") == [["sigmoid"], ["sigmoid", "sft"]]
+    assert sweep.split_values("true,false") == [True, False]
+
+
+def test_grid_names_every_cell_and_orders_by_seed():
+    runs = sweep.grid([0, 1], {"beta": [0.1, 0.2]}, {"a": {}, "b": {"use_reference": False}})
+    assert [r.name for r in runs] == [
+        "beta-0.1_a-s0",
+        "beta-0.1_b-s0",
+        "beta-0.2_a-s0",
+        "beta-0.2_b-s0",
+        "beta-0.1_a-s1",
+        "beta-0.1_b-s1",
+        "beta-0.2_a-s1",
+        "beta-0.2_b-s1",
+    ]
+    assert runs[1].overrides == {"beta": 0.1, "use_reference": False, "seed": 0}
+    assert [r.name for r in sweep.grid([3])] == ["s3"] and sweep.grid([3])[0].variant == "default"
+
+
+def test_stage_keys_change_from_the_first_notebook_that_reads_a_changed_parameter():
+    declared = sweep.declared_parameters()
+    base = yaml.safe_load((sweep.pipeline.PROFILES / "smoke.yaml").read_text())
+    keys = sweep.stage_keys(base, declared)
+    for key, first in (("beta", "04"), ("pair_strategy", "03"), ("temperature", "02"), ("seed", "01")):
+        changed = sweep.stage_keys({**base, key: "other"}, declared)
+        assert [nn for nn in keys if keys[nn] != changed[nn]][0] == first, key
+    assert sweep.stage_keys({**base, "run_name": "elsewhere"}, declared) == keys  # the name changes no output
+
+
+def _table(both, base_only, dpo_only, neither):
+    return {"both": both, "base_only": base_only, "other_only": dpo_only, "neither": neither}
+
+
+def _result(seed, table, variant="default"):
+    n = sum(table.values())
+    models = {
+        "base": {"fol": {"correct": table["both"] + table["base_only"], "n": n}},
+        "dpo": {"fol": {"correct": table["both"] + table["other_only"], "n": n}},
+    }
+    valid = {"base_rate": 0.9, "other_rate": 1.0, "higher": 3, "lower": 1}
+    paired = {"fol": {"table": table, "valid_calls": valid}}
+    return compare.RunResult(f"s{seed}", variant, seed, {"seed": seed}, {"models": models, "paired": paired})
+
+
+def test_pooled_effect_by_hand():
+    from scipy.stats import binomtest, t
+
+    tables = [_table(0, 0, 16, 24), _table(0, 1, 11, 28), _table(1, 2, 4, 33)]
+    results = [_result(i, x) for i, x in enumerate(tables)]
+    p = compare.pooled_effect(results, bootstrap=2000)
+    # the exact stratified test: 31 DPO-only of 34 discordant problems
+    assert (p["dpo_only"], p["base_only"]) == (31, 3)
+    assert p["p_value"] == pytest.approx(binomtest(31, 34, 0.5).pvalue)
+    assert (p["dpo_correct"], p["base_correct"], p["n"]) == (32, 4, 120)
+    assert p["per_seed"] == pytest.approx([0.4, 0.25, 0.05])
+    # random effects, computed here the long way
+    d = np.array([(16.5 - 0.5) / 42, (11.5 - 1.5) / 42, (4.5 - 2.5) / 42])
+    v = np.array([(17 - 16**2 / 42) / 42**2, (13 - 10**2 / 42) / 42**2, (7 - 2**2 / 42) / 42**2])
+    w = 1 / v
+    q = np.sum(w * (d - np.sum(w * d) / np.sum(w)) ** 2)
+    tau2 = max(0, (q - 2) / (np.sum(w) - np.sum(w**2) / np.sum(w)))
+    assert tau2 > 0  # these seeds disagree more than their sizes explain
+    ws = 1 / (v + tau2)
+    mu = np.sum(ws * d) / np.sum(ws)
+    se = np.sqrt(max(np.sum(ws * (d - mu) ** 2) / (2 * np.sum(ws)), 1 / np.sum(ws)))
+    re = p["random_effects"]
+    assert re["difference"] == pytest.approx(mu) and re["tau2"] == pytest.approx(tau2)
+    assert re["ci95"] == pytest.approx([mu - t.ppf(0.975, 2) * se, mu + t.ppf(0.975, 2) * se])
+    lo, hi = p["bootstrap_ci95"]
+    assert 0 < lo < np.mean([0.4, 0.25, 0.05]) < hi < 0.45
+
+
+def test_spread_between_seeds_widens_the_interval():
+    same = [_result(i, _table(0, 0, 10, 30)) for i in range(3)]
+    spread = [_result(0, _table(0, 0, 20, 20)), _result(1, _table(0, 0, 10, 30)), _result(2, _table(0, 0, 0, 40))]
+    narrow, wide = (compare.pooled_effect(x, bootstrap=200)["random_effects"]["ci95"] for x in (same, spread))
+    assert narrow[0] > 0 and wide[0] < narrow[0] and wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+    # the same counts, so the exact stratified test cannot tell them apart: the interval is what shows the spread
+    assert (
+        compare.pooled_effect(same, bootstrap=10)["p_value"] == compare.pooled_effect(spread, bootstrap=10)["p_value"]
+    )
+
+
+def test_no_effect_is_not_significant_and_the_ablation_table_has_a_row_per_variant():
+    results = [_result(i, _table(2, 3, 3, 32)) for i in range(3)]
+    results += [_result(i, _table(0, 0, 9, 31), variant="more") for i in range(3)]
+    p = compare.pooled_effect(results[:3], bootstrap=500)
+    assert p["p_value"] == 1.0 and p["random_effects"]["ci95"][0] < 0 < p["random_effects"]["ci95"][1]
+    rows = compare.ablation_table(results)
+    assert [r["variant"] for r in rows] == ["default", "more"]
+    assert rows[1]["DPO"] == pytest.approx(9 / 40) and rows[1]["p (stratified)"] < 1e-6
+
+
+@pytest.mark.slow
+def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
+    """2 seeds x 2 variants that differ from notebook 03 on: each seed's problems and chains are made once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FCLIB_"))} | {
+        "FCLIB_OUTPUTS": str(tmp_path)
+    }
+    command = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0-1", "--name", "sw"]
+    command += ["-p", "max_pairs_per_problem=4,2", "--record", str(tmp_path / "record")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "sw"
+    state = json.loads((folder / "sweep.json").read_text())
+    names = ["max_pairs_per_problem-4-s0", "max_pairs_per_problem-2-s0"]
+    names += ["max_pairs_per_problem-4-s1", "max_pairs_per_problem-2-s1"]
+    assert [r["name"] for r in state["runs"]] == names and all(r["status"] == "done" for r in state["runs"])
+    assert len(state["commit"]) == 40 and state["seeds"] == [0, 1] and state["wall_s"] > 0
+    assert state["axes"] == {"max_pairs_per_problem": [4, 2]}
+    for leader, follower in ((0, 1), (2, 3)):
+        a, b = (folder / names[i] for i in (leader, follower))
+        assert state["runs"][follower]["reused"] == {"from": names[leader], "notebooks": ["01", "02"]}
+        assert "reused" not in state["runs"][leader]
+        for rel in ("problems/train.jsonl", "chains/chains.jsonl", "chains/steps.jsonl"):
+            assert (a / rel).read_bytes() == (b / rel).read_bytes()
+        ta, tb = (json.loads((x / "timings.json").read_text()) for x in (a, b))
+        assert {k: tb[k] for k in ta if k[:2] in ("01", "02")} == {k: ta[k] for k in ta if k[:2] in ("01", "02")}
+        assert yaml.safe_load((b / "params.yaml").read_text())["max_pairs_per_problem"] == 2
+        assert json.loads((b / "pairs" / "stats.json").read_text()) != json.loads(
+            (a / "pairs" / "stats.json").read_text()
+        )
+        assert state["runs"][follower]["wall_s"] < state["runs"][leader]["wall_s"]
+    # the seeds drew different problems
+    assert (folder / names[0] / "problems/train.jsonl").read_bytes() != (
+        folder / names[2] / "problems/train.jsonl"
+    ).read_bytes()
+    # notebook 06 ran on the sweep, and the record holds each run's results
+    comparison = json.loads((folder / "comparison.json").read_text())
+    assert comparison["runs"] == names and set(comparison["pooled"]) >= {"max_pairs_per_problem-4/fol"}
+    assert (folder / "06_compare_runs.ipynb").is_file() and list((folder / "figures").glob("compare_forest_*.png"))
+    for name in names:
+        assert (tmp_path / "record" / name / "eval" / "metrics.json").is_file()
+    assert json.loads((tmp_path / "record" / "sweep.json").read_text())["runs"] == state["runs"]
+
+    # resumed: a run that lost its last notebook runs that notebook again, and nothing else runs
+    last = folder / names[3]
+    timings = json.loads((last / "timings.json").read_text())
+    del timings["05_evaluate"]
+    (last / "timings.json").write_text(json.dumps(timings))
+    metrics = (last / "eval" / "metrics.json").read_bytes()
+    proc = subprocess.run([*command, "--no-compare"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, name in enumerate(names[:3], 1):
+        assert f"[sweep {i}/4] {name}: done before, kept" in proc.stderr
+    assert f"[sweep 4/4] {names[3]}: notebooks 05-05 (01-04 done before)" in proc.stderr
+    assert "01_define_tools: running" not in proc.stderr and (last / "eval" / "metrics.json").read_bytes() == metrics
+    # another sweep reuses this one's finished runs: an equal run is copied whole, nothing runs
+    again = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0", "--name", "sw2", "--no-compare"]
+    again += ["-p", "max_pairs_per_problem=2", "--reuse", str(folder)]
+    proc = subprocess.run(again, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    copied = json.loads((tmp_path / "sw2" / "sweep.json").read_text())["runs"][0]
+    assert copied["reused"] == {"from": str(folder / names[1]), "notebooks": ["01", "02", "03", "04", "05"]}
+    assert "running" not in proc.stderr and copied["wall_s"] == 0.0
+    assert (tmp_path / "sw2" / names[1] / "eval/metrics.json").read_bytes() == (
+        folder / names[1] / "eval/metrics.json"
+    ).read_bytes()
+    # another grid under the same name is refused, not mixed in
+    proc = subprocess.run([*command[:-4], "-p", "beta=0.3"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "holds another sweep" in proc.stderr

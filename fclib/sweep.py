@@ -5,10 +5,12 @@ A sweep is a grid: every seed times every combination of the `-p` values (and, w
 `fclib.pipeline` into its own run folder, `outputs/<sweep>/<variant>-s<seed>/`. Then notebook 06
 compares them all (`outputs/<sweep>/06_compare_runs.ipynb`, figures in `outputs/<sweep>/figures/`).
 
-- **Shared stages run once.** A run whose parameters up to notebook NN equal those of an earlier
-  run of the sweep (every parameter notebooks 01..NN read) copies that run's outputs of 01..NN
-  and starts at the next notebook: the chains of one seed are generated once for all variants
-  that differ only from notebook 03 on.
+- **Shared stages run once.** Each notebook's outputs have a key: for 01 its parameters; for a
+  later one the parameters it and the notebooks from 02 on read, and the content of the problem
+  files they read. A run copies the outputs of the notebooks whose keys equal those of a finished
+  run, and runs only the rest: the chains of one seed are generated once for all variants that
+  differ from notebook 03 on, and a variant that changes only the held-out problems (test_nmax,
+  fol_test) reuses the chains and the adapter, running notebooks 01 and 05.
   `--reuse FOLDER` adds the finished runs of another sweep as sources (say, the ablations of a
   seeds sweep: the default variant is copied whole, the others take its chains).
 - **Resumable.** Killed, the same command carries on: finished notebooks of each run are kept
@@ -54,6 +56,8 @@ STAGE_OUTPUTS = {
 }
 RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memory.json", "notebooks"]
 RUN_FILES += ["screenshots"]  # the browser test's, of notebook 01 in JupyterLab: no stage's output
+# What the notebooks after 01 read of its output: a stage's key covers these files' content
+PROBLEM_FILES = {"02": "problems/train.jsonl", "05": "problems/test.jsonl"}
 RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json", "report.md"]
 COMPARE_NOTEBOOK = pipeline.NOTEBOOKS / "06_compare_runs.ipynb"
 SWEEP_FILE = "sweep.json"
@@ -136,14 +140,31 @@ def grid(
     return found
 
 
-def stage_keys(params: dict[str, Any], declared: dict[str, set[str]]) -> dict[str, str]:
-    """{notebook NN: digest of every parameter notebooks 01..NN read}: equal digests, equal outputs."""
-    keys, seen = {}, set()
-    for nn in sorted(declared):
+def stage_keys(params: dict[str, Any], declared: dict[str, set[str]], folder: Path | None = None) -> dict[str, Any]:
+    """{notebook NN: digest of all its outputs depend on}: equal digests, equal outputs.
+
+    Notebook 01: its parameters. A later notebook: the parameters it and the notebooks from 02 on
+    read, and the problem files (PROBLEM_FILES) they read, as they are in `folder`. So a run that
+    changes only the held-out problems (test_nmax, fol_test) shares the chains and the adapter of
+    one that does not. Until notebook 01 has run in `folder` those keys are None, equal to nothing.
+    """
+    first, *later = sorted(declared)
+    keys: dict[str, Any] = {first: _digest({k: params.get(k) for k in declared[first] - {"run_name"}})}
+    seen: set[str] = set()
+    files: dict[str, str | None] = {}
+    for nn in later:
         seen |= declared[nn] - {"run_name"}
-        text = json.dumps({k: params.get(k) for k in sorted(seen)}, sort_keys=True)
-        keys[nn] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        if nn in PROBLEM_FILES:
+            path = folder / PROBLEM_FILES[nn] if folder is not None else None
+            files[PROBLEM_FILES[nn]] = _digest(path.read_bytes()) if path is not None and path.is_file() else None
+        missing = None in files.values()
+        keys[nn] = None if missing else _digest({"params": {k: params.get(k) for k in seen}, "files": files})
     return keys
+
+
+def _digest(value: Any) -> str:
+    data = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def declared_parameters() -> dict[str, set[str]]:
@@ -222,7 +243,6 @@ class Sweep:
         self.declared = declared_parameters()
         for run in self.runs:  # every run's parameters checked before anything starts
             run.params = pipeline.load_profile(profile, {**run.overrides, "run_name": run.name})
-        self.keys = {run.name: stage_keys(run.params, self.declared) for run in self.runs}
         self.elsewhere = []  # (folder, parameters) of finished runs of other sweeps (--reuse), also sources
         for where in reuse:
             for params_file in sorted(Path(where).glob("*/params.yaml")):
@@ -254,16 +274,18 @@ class Sweep:
             }
         self.state.setdefault("sessions", []).append({"started": _now(), "commit": pipeline._git_state()})
 
-    def source_for(self, run: Run, upto: int) -> tuple[Path | None, list[str]]:
-        """The run folder (an earlier run of this sweep, or one of --reuse) whose finished stages share the
-        most with `run`'s, and those stages."""
+    def source_for(self, run: Run, upto: int, done: list[str]) -> tuple[Path | None, list[str]]:
+        """The run folder (an earlier run of this sweep, or one of --reuse) whose finished notebooks equal the
+        most of those `run` has still to do, in order from the next one, and those notebooks."""
+        need = [nn for nn in sorted(self.declared) if nn not in done]
+        mine = stage_keys(run.params, self.declared, self.folder / run.name)
         best: tuple[Path | None, list[str]] = (None, [])
         candidates = [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
         for folder, params in candidates:
-            keys = stage_keys(params, self.declared)
+            theirs, finished = stage_keys(params, self.declared, folder), done_notebooks(folder, params)
             shared = []
-            for nn in done_notebooks(folder, params):
-                if keys[nn] != self.keys[run.name][nn]:
+            for nn in need:
+                if nn not in finished or theirs[nn] is None or theirs[nn] != mine[nn]:
                     break
                 shared.append(nn)
             if len(shared) > len(best[1]):
@@ -287,59 +309,55 @@ class Sweep:
                 shutil.copy2(path, dest)
 
     def run_all(self) -> list[str]:
-        """Run every run not yet finished, in order; returns the names of those that failed."""
+        """Run every run not yet finished, in order; returns the names of those that failed.
+
+        For each run: copy what another run has finished and shares with it; with nothing to copy,
+        run notebook 01 alone first (seconds), since the problems it writes may let later notebooks
+        be copied; then run what is left.
+        """
         os.environ["FCLIB_OUTPUTS"] = str(self.folder)  # the runs' folders, for this process and the kernels
         failed = []
+        all_nn = [nb.name[:2] for nb in pipeline.notebooks()]
         t_sweep = time.perf_counter()
         for i, run in enumerate(self.runs):
-            entry = self.state["runs"][i]
-            folder = self.folder / run.name
+            entry, folder = self.state["runs"][i], self.folder / run.name
+            where = f"[sweep {i + 1}/{len(self.runs)}] {run.name}"
             done = done_notebooks(folder, run.params)
-            all_nn = [nb.name[:2] for nb in pipeline.notebooks()]
             if done == all_nn:
-                log.info("[sweep %d/%d] %s: done before, kept", i + 1, len(self.runs), run.name)
+                log.info("%s: done before, kept", where)
                 entry["status"] = "done"
                 self.record_run(run)
                 continue
-            if not done:
-                source, shared = self.source_for(run, i)
-                if source is not None:
-                    copy_stages(source, folder, shared)
-                    here = source.parent == self.folder
-                    entry["reused"] = {"from": source.name if here else str(source), "notebooks": shared}
-                    done = shared
-            if done == all_nn:  # every stage equals another run's: a copy of it
-                log.info(
-                    "[sweep %d/%d] %s: all reused from %s", i + 1, len(self.runs), run.name, entry["reused"]["from"]
-                )
-                (folder / "params.yaml").write_text(yaml.safe_dump(run.params, sort_keys=False))
-                entry["status"], entry["wall_s"] = "done", 0.0
-                entry["timings"] = _read_json(folder / "timings.json")
-                self.record_run(run)
-                self.save()
-                continue
-            start = all_nn[len(done)]
-            log.info(
-                "[sweep %d/%d] %s: notebooks %s-%s%s",
-                i + 1,
-                len(self.runs),
-                run.name,
-                start,
-                all_nn[-1],
-                f" (01-{done[-1]} {'reused from ' + entry['reused']['from'] if 'reused' in entry else 'done before'})"
-                if done
-                else "",
-            )
             entry["status"] = "running"
             self.save()
             t0 = time.perf_counter()
             try:
-                pipeline.run(run.params, start=start)
+                while done != all_nn:
+                    source, shared = self.source_for(run, i, done)
+                    if shared:
+                        copy_stages(source, folder, shared)
+                        (folder / "params.yaml").write_text(yaml.safe_dump(run.params, sort_keys=False))
+                        name = source.name if source.parent == self.folder else str(source)
+                        reused = entry.setdefault("reused", [])
+                        if reused and reused[-1]["from"] == name:
+                            reused[-1]["notebooks"] += shared
+                        else:
+                            reused.append({"from": name, "notebooks": shared})
+                        log.info("%s: notebooks %s-%s copied from %s", where, shared[0], shared[-1], name)
+                        done = done_notebooks(folder, run.params)
+                        continue
+                    start = all_nn[len(done)]
+                    stop = start if not done else None  # notebook 01 alone, then look again
+                    log.info("%s: running notebooks %s-%s", where, start, stop or all_nn[-1])
+                    pipeline.run(run.params, start=start, stop=stop)
+                    before, done = done, done_notebooks(folder, run.params)
+                    if len(done) <= len(before):
+                        raise SystemExit(f"notebook {start} ran but {folder / 'timings.json'} does not say so")
                 entry["status"] = "done"
             except SystemExit as e:  # a notebook failed: recorded, and the sweep goes on
                 entry["status"], entry["error"] = "failed", str(e)[:2000]
                 failed.append(run.name)
-                log.error("[sweep %d/%d] %s failed: %s", i + 1, len(self.runs), run.name, e)
+                log.error("%s failed: %s", where, e)
             entry["wall_s"] = round(entry.get("wall_s", 0) + time.perf_counter() - t0, 1)
             entry["timings"] = _read_json(folder / "timings.json")
             self.record_run(run)

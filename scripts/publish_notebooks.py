@@ -1,6 +1,7 @@
 """Publish a run's executed notebooks into docs/notebooks/ as HTML pages, outputs included, for people to read.
 
-    .venv/bin/python scripts/publish_notebooks.py outputs/cpu
+    .venv/bin/python scripts/publish_notebooks.py outputs/cpu            (notebooks 01-05 of a run)
+    .venv/bin/python scripts/publish_notebooks.py outputs/cpu-seeds      (notebook 06 of a sweep)
 
 Renders `<run>/notebooks/NN_*.ipynb` to `NN_*.html` (nbconvert's basic template), without what only
 a live Jupyter needs (widget state, papermill's per-cell timing metadata), and refuses to write more
@@ -38,9 +39,10 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def publish(run: Path, target: Path = TARGET) -> list[Path]:
     from nbconvert import HTMLExporter
 
-    sources = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    # a run's notebooks 01-05 are in its notebooks/ folder; a sweep's notebook 06 is in the sweep's folder
+    sources = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb")) + sorted(run.glob("[0-9][0-9]_*.ipynb"))
     if not sources:
-        raise SystemExit(f"no executed notebooks in {run / 'notebooks'}: run ./study.sh first")
+        raise SystemExit(f"no executed notebooks in {run / 'notebooks'} or {run}: run ./study.sh first")
     exporter = HTMLExporter(template_name="basic")
     pages = {
         src.with_suffix(".html").name: exporter.from_notebook_node(clean(nbformat.read(src, as_version=4)))[0]
@@ -59,7 +61,7 @@ def publish(run: Path, target: Path = TARGET) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a run folder, e.g. outputs/cpu")
+    ap.add_argument("run", type=Path, help="a run folder, e.g. outputs/cpu, or a sweep folder")
     args = ap.parse_args(argv)
     written = publish(args.run)
     total = sum(p.stat().st_size for p in written)

@@ -22,7 +22,9 @@ LAYERS = [  # earlier first; a module may import only from earlier layers or fro
     {"pairs"},  # notebook 03
     {"train"},  # notebook 04
     {"evaluate"},  # notebook 05
+    {"compare"},  # notebook 06
     {"plots", "pipeline"},
+    {"sweep"},  # many pipeline runs
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 PACKAGE = PROJECT_ROOT / "fclib"

@@ -51,6 +51,7 @@ NOT_THE_RUN_PARAMETER = {  # same name, another meaning
     ("save_pairs", "run_name"): "a label for the dataset card; empty: the folder's parent",
     ("build_pairs", "max_length"): "None: no length check without the student's tokenizer, which the caller gives",
     ("build_problems", "gsm8k_source"): "None and '' both mean the copy shipped in fclib/data/gsm8k",
+    ("build_problems", "test_nmax"): "() and [] both mean: held-out worlds of the training sizes",
 }
 
 

@@ -216,3 +216,13 @@ def test_build_problems_is_deterministic_and_leak_free(gsm8k_dir):
     assert not {p.id for p in train} & {p.id for p in test}
     _, fewer = build_problems(5, 12, 20, 3, 10, nmax=[4, 10], gsm8k_source=str(gsm8k_dir))
     assert fewer == test, "the held-out problems must not depend on how many training problems there are"
+    # held-out worlds of other sizes (generalisation): the same training problems, test worlds of those sizes
+    train_g, test_g = build_problems(5, 30, 20, 10, 10, nmax=[4, 10], gsm8k_source=str(gsm8k_dir), test_nmax=[12, 20])
+    assert train_g == train and [p for p in test_g if p.task == "gsm8k"] == [p for p in test if p.task == "gsm8k"]
+    sizes = [p.meta["nmax"] for p in test_g if p.task == "fol"]
+    assert sizes == [12] * 20 + [20] * 20 and not {p.question for p in train_g} & {p.question for p in test_g}
+    from fclib.settings import SettingsError
+    from fclib.tasks import ProblemSettings
+
+    with pytest.raises(SettingsError, match="test_nmax"):
+        ProblemSettings(test_nmax=[1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.backends.scripted import ScriptedBackend
@@ -54,6 +54,7 @@ class ProblemSettings(Settings):
     fol_train: int = 20  # FOL training problems per nmax
     fol_test: int = 40  # FOL held-out problems per nmax
     nmax: int | list[int] = 6  # at most this many individuals per world; a list: problems for each
+    test_nmax: list[int] = field(default_factory=list)  # held-out FOL worlds of these sizes instead; empty: nmax's
     depth: int = 1  # nesting depth of the question formula
     gsm8k_train: int = 4  # GSM8K training problems, a seeded sample of the official split
     gsm8k_test: int = 10  # GSM8K held-out problems
@@ -65,6 +66,8 @@ class ProblemSettings(Settings):
         wrong = []
         if not sizes or not all(isinstance(n, int) and 2 <= n <= len(fol.INDIVIDUALS) for n in sizes):
             wrong.append(f"nmax must be integers from 2 to {len(fol.INDIVIDUALS)}, got {self.nmax!r}")
+        if not all(isinstance(n, int) and 2 <= n <= len(fol.INDIVIDUALS) for n in self.test_nmax):
+            wrong.append(f"test_nmax must be integers from 2 to {len(fol.INDIVIDUALS)}, got {self.test_nmax!r}")
         counts = (self.fol_train, self.fol_test, self.gsm8k_train, self.gsm8k_test, self.demo_problems, self.depth)
         if min(counts) < 0:
             wrong.append("fol_train, fol_test, gsm8k_train, gsm8k_test, demo_problems and depth must be >= 0")
@@ -85,6 +88,7 @@ class ProblemSettings(Settings):
             nmax=self.nmax,
             depth=self.depth,
             gsm8k_source=self.gsm8k_source,
+            test_nmax=self.test_nmax,
         )
 
 
@@ -97,23 +101,30 @@ def build_problems(
     nmax: int | Sequence[int] = 6,
     depth: int = 1,
     gsm8k_source: str | None = None,
+    test_nmax: Sequence[int] = (),
 ) -> tuple[list[Problem], list[Problem]]:
     """The train and test problems of a run, deterministic from the seed, never sharing a problem.
 
-    FOL problems are generated for each `nmax` given; GSM8K problems are a seeded sample of
-    the official train and test splits (`gsm8k_source`: a folder of JSONL files, or the hub).
+    FOL problems are generated for each `nmax` given, the held-out ones for each `test_nmax`
+    instead when given (to test on larger worlds than the training ones: the training problems
+    stay the same); GSM8K problems are a seeded sample of the official train and test splits
+    (`gsm8k_source`: a folder of JSONL files, or the hub).
     """
 
     train: list[Problem] = []
     test: list[Problem] = []
+
+    def held_out(n: int) -> list[Problem]:
+        seen = {p.question for p in train}
+        generated = fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
+        return [p for p in generated if p.question not in seen][:fol_test]
+
     for n in [nmax] if isinstance(nmax, int) else list(nmax):
         train += fol.generate(fol_train, seed, nmax=n, depth=depth, split="train")
-        seen = {p.question for p in train}
-        test += [
-            p
-            for p in fol.generate(fol_test + len(seen), seed, nmax=n, depth=depth, split="test")
-            if p.question not in seen
-        ][:fol_test]
+        if not test_nmax:
+            test += held_out(n)
+    for n in test_nmax:
+        test += held_out(n)
     for split, count, out in (("train", gsm8k_train, train), ("test", gsm8k_test, test)):
         if count:  # a generator per split: the held-out sample does not depend on how many train problems there are
             pool = gsm8k.load(split, gsm8k_source)

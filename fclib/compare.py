@@ -53,10 +53,17 @@ class RunResult:
     params: dict[str, Any]
     metrics: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)  # the run's entry in sweep.json (wall_s, reused), if any
 
     @property
     def wall_s(self) -> float:
-        return float(sum(self.timings.values()))
+        """Seconds this run took: its own notebooks (a sweep's record), else the sum of its notebooks' times."""
+        return float(self.sweep.get("wall_s", sum(self.timings.values())))
+
+    @property
+    def copied(self) -> list[str]:
+        """The notebooks a sweep copied from another run instead of running them."""
+        return [nn for r in self.sweep.get("reused", []) for nn in r["notebooks"]]
 
 
 def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
@@ -69,15 +76,15 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
         sweep = folder / "sweep.json"
         if sweep.is_file():
             entries = json.loads(sweep.read_text())["runs"]
-            named = [(folder / e["name"], e.get("variant", "default")) for e in entries]
+            named = [(folder / e["name"], e) for e in entries]
         elif (folder / "eval" / "metrics.json").is_file():
-            named = [(folder, None)]
+            named = [(folder, {})]
         else:
-            named = [(p, None) for p in sorted(folder.iterdir()) if (p / "eval" / "metrics.json").is_file()]
+            named = [(p, {}) for p in sorted(folder.iterdir()) if (p / "eval" / "metrics.json").is_file()]
     else:
-        named = [(Path(p), None) for p in where]
+        named = [(Path(p), {}) for p in where]
     found = []
-    for path, variant in named:
+    for path, entry in named:
         if not (path / "eval" / "metrics.json").is_file():
             continue
         params = yaml.safe_load((path / "params.yaml").read_text()) if (path / "params.yaml").is_file() else {}
@@ -85,11 +92,12 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
         found.append(
             RunResult(
                 name=path.name,
-                variant=variant or re.sub(r"-?s\d+$", "", path.name) or "default",
+                variant=entry.get("variant") or re.sub(r"-?s\d+$", "", path.name) or "default",
                 seed=int(params.get("seed", 0)),
                 params=params,
                 metrics=json.loads((path / "eval" / "metrics.json").read_text()),
                 timings=timings,
+                sweep=entry,
             )
         )
     if not found:
@@ -179,7 +187,7 @@ def pooled_effect(
         "mean_difference": float(np.mean(raw)),
         "random_effects": {
             "difference": mean,
-            "ci95": [mean - half, mean + half],
+            "ci95": [max(-1.0, mean - half), min(1.0, mean + half)],  # a difference of shares: within [-1, 1]
             "tau2": tau2,
             "method": "DerSimonian-Laird tau^2, Hartung-Knapp interval (t, seeds - 1 df)",
         },

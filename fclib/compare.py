@@ -10,9 +10,9 @@ and DPO are compared on each seed's own problems, and pooled two ways:
 - **Random-effects interval** of the mean per-seed difference in verified accuracy:
   DerSimonian-Laird between-seed variance tau^2 with the Hartung-Knapp(-Sidik-Jonkman) interval
   (t distribution with seeds - 1 degrees of freedom, not narrower than the fixed-effect one),
-  the recommended interval for few studies. Each seed's difference uses the Agresti-Min adjusted
-  counts, as notebook 05's per-run interval does, so a seed where both models score 0 still has
-  a variance.
+  the recommended interval for few studies. Each seed's variance comes from the Agresti-Min
+  adjusted counts, as notebook 05's per-run interval does, so a seed where both models score 0
+  still has one.
 - **Hierarchical bootstrap** as a check: seeds resampled, then problems within each seed
   (from its 2x2 table), the percentile interval of the mean difference.
 """
@@ -127,12 +127,13 @@ def seed_table(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _seed_difference(table: dict[str, int]) -> tuple[float, float, float]:
-    """(difference in verified accuracy, its Agresti-Min adjusted value, that value's variance) of one seed."""
+def _seed_difference(table: dict[str, int]) -> tuple[float, float]:
+    """(difference in verified accuracy, its variance) of one seed; the variance from the Agresti-Min adjusted
+    counts (as notebook 05's interval), so that a seed where the models never disagree still has one."""
     b, c = table["base_only"], table["other_only"]
     n = b + c + table["both"] + table["neither"]
     bs, cs, ns = b + 0.5, c + 0.5, n + 2
-    return (c - b) / n, (cs - bs) / ns, max((bs + cs) - (cs - bs) ** 2 / ns, 1e-12) / ns**2
+    return (c - b) / n, max((bs + cs) - (cs - bs) ** 2 / ns, 1e-12) / ns**2
 
 
 def pooled_effect(
@@ -149,15 +150,15 @@ def pooled_effect(
     b = sum(x["base_only"] for x in tables)
     c = sum(x["other_only"] for x in tables)
     p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
-    raw, adjusted, var = (np.array(v) for v in zip(*(_seed_difference(x) for x in tables)))
+    raw, var = (np.array(v) for v in zip(*(_seed_difference(x) for x in tables)))
     w = 1 / var
-    fixed = float(np.sum(w * adjusted) / np.sum(w))
-    q = float(np.sum(w * (adjusted - fixed) ** 2))
+    fixed = float(np.sum(w * raw) / np.sum(w))
+    q = float(np.sum(w * (raw - fixed) ** 2))
     tau2 = max(0.0, (q - (k - 1)) / (np.sum(w) - np.sum(w**2) / np.sum(w))) if k > 1 else 0.0
     ws = 1 / (var + tau2)
-    mean = float(np.sum(ws * adjusted) / np.sum(ws))
+    mean = float(np.sum(ws * raw) / np.sum(ws))
     if k > 1:
-        hk = float(np.sum(ws * (adjusted - mean) ** 2) / ((k - 1) * np.sum(ws)))
+        hk = float(np.sum(ws * (raw - mean) ** 2) / ((k - 1) * np.sum(ws)))
         se = math.sqrt(max(hk, 1 / float(np.sum(ws))))
         half = float(t.ppf(0.975, k - 1)) * se
     else:

@@ -92,7 +92,7 @@ def test_pooled_effect_by_hand():
     assert (p["dpo_correct"], p["base_correct"], p["n"]) == (32, 4, 120)
     assert p["per_seed"] == pytest.approx([0.4, 0.25, 0.05])
     # random effects, computed here the long way
-    d = np.array([(16.5 - 0.5) / 42, (11.5 - 1.5) / 42, (4.5 - 2.5) / 42])
+    d = np.array([16 / 40, 10 / 40, 2 / 40])
     v = np.array([(17 - 16**2 / 42) / 42**2, (13 - 10**2 / 42) / 42**2, (7 - 2**2 / 42) / 42**2])
     w = 1 / v
     q = np.sum(w * (d - np.sum(w * d) / np.sum(w)) ** 2)

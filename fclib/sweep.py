@@ -18,7 +18,7 @@ compares them all (`outputs/<sweep>/06_compare_runs.ipynb`, figures in `outputs/
   from its last checkpoint.
 - **Recorded.** `outputs/<sweep>/sweep.json` holds the grid, the commit, and each run's state,
   what it reused and its wall time, rewritten after every run; `--record DIR` also copies each
-  run's results (parameters, timings, memory, metrics, report) into DIR, e.g. a tracked folder.
+  run's results (parameters, timings, memory, metrics) into DIR, e.g. a tracked folder.
 - A run that fails is recorded as failed and the sweep goes on with the others; the exit status
   is 1 when any failed.
 """
@@ -58,7 +58,8 @@ RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memo
 RUN_FILES += ["screenshots"]  # the browser test's, of notebook 01 in JupyterLab: no stage's output
 # What the notebooks after 01 read of its output: a stage's key covers these files' content
 PROBLEM_FILES = {"02": "problems/train.jsonl", "05": "problems/test.jsonl"}
-RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json", "report.md"]
+# What --record keeps of a run: its numbers (its report.md shows figures the record does not keep)
+RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json"]
 COMPARE_NOTEBOOK = pipeline.NOTEBOOKS / "06_compare_runs.ipynb"
 SWEEP_FILE = "sweep.json"
 

@@ -22,7 +22,7 @@ def test_every_relative_link_in_the_docs_points_to_a_file():
     assert not missing, missing
 
 
-def test_the_readme_starts_with_the_two_commands_and_the_five_notebooks():
+def test_the_readme_starts_with_the_two_commands_and_the_notebooks():
     readme = (PROJECT_ROOT / "README.md").read_text()
     first_screen = readme[: readme.index("## Running it")]
     assert "./study.sh" in first_screen and "./test.sh" in first_screen and "docs/results.md" in first_screen

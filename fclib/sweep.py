@@ -380,8 +380,7 @@ class Sweep:
             kernel_name=pipeline.KERNEL,
             progress_bar=False,
         )
-        if self.record:
-            shutil.copy2(target, self.record / target.name)
+        if self.record:  # the figures; the executed notebook becomes a page (scripts/publish_notebooks.py)
             for fig in (self.folder / "figures").glob("*.png"):
                 (self.record / "figures").mkdir(exist_ok=True)
                 shutil.copy2(fig, self.record / "figures" / fig.name)

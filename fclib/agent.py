@@ -72,6 +72,10 @@ class AgentConfig(Settings):
     seed: int = 0
     protocol: str = "text"  # 'text': one name(arg=value) call per reply; 'native': OpenAI `tools` and `tool_calls`
     stop: tuple[str, ...] = ("\n\n",)
+    # Constrained decoding: each reply is one well-formed call of the chain's toolset (`Toolset.grammar`),
+    # for backends that can (`constrained_decoding`: the local one). Set by notebooks 02 (teacher_grammar)
+    # and 05 (the `+grammar` models), not a run parameter of its own.
+    grammar: bool = False
 
     @property
     def native_tools(self) -> bool:
@@ -87,6 +91,8 @@ class AgentConfig(Settings):
             wrong.append("max_retries and temperature must be >= 0 and top_p in (0, 1]")
         if self.protocol not in PROTOCOLS:
             wrong.append(f"protocol must be {' or '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if self.grammar and self.protocol != "text":
+            wrong.append("constrained decoding (a grammar) needs protocol 'text'")
         return wrong
 
 
@@ -156,6 +162,7 @@ def run_chains(
     chains share its batch, in process and on servers that honour per-request seeds.
     """
     config = config or AgentConfig()
+    check_constrained(backend, config)
     tasks = task if isinstance(task, dict) else {task.name: task}
     missing = {p.task for p in problems} - set(tasks)
     if missing:
@@ -196,6 +203,7 @@ def run_chains(
             seed=config.seed * 1000 + step,
             stop=() if config.native_tools else config.stop,
             seeds=tuple(_request_seed(config.seed, s.chain, step) for s in active),
+            grammars=tuple(s.toolset.grammar() for s in active) if config.grammar else (),
         )
         replies = _ask(backend, active, settings, config)
         for state, reply in zip(active, replies):
@@ -208,6 +216,15 @@ def run_chains(
             ended(state)
     bar.close()
     return [s.chain for s in states]
+
+
+def check_constrained(backend: ChatBackend, config: AgentConfig) -> None:
+    """Refuse at once a grammar for a backend that cannot constrain its decoding."""
+    if config.grammar and not getattr(backend, "constrained_decoding", False):
+        raise ValueError(
+            f"constrained decoding needs a local model in this process; {type(backend).__name__} cannot"
+            " (a teacher endpoint or a server): drop the grammar or use an in-process backend"
+        )
 
 
 def _request_seed(seed: int, chain: Chain, step: int) -> int:

@@ -196,12 +196,14 @@ def resume(path: Path, source: str, failed_field: str, skip_damaged: bool = Fals
 
 
 def fingerprint(backend: ChatBackend, config: AgentConfig) -> dict[str, Any]:
-    """What decides the chains of a source: the backend kind, the model and the agent's settings."""
-    return {
-        "backend": type(backend).__name__,
-        "model": backend.model_id,
-        "agent": json.loads(json.dumps(asdict(config))),
-    }
+    """What decides the chains of a source: the backend kind, the model and the agent's settings.
+
+    An unconstrained agent's settings leave `grammar` out, as files written before it existed do,
+    so that those still resume."""
+    agent = json.loads(json.dumps(asdict(config)))
+    if not agent.get("grammar"):
+        agent.pop("grammar", None)
+    return {"backend": type(backend).__name__, "model": backend.model_id, "agent": agent}
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -7,7 +7,8 @@ The chains are made by `fclib.chains.generate`, the same agent and store as the 
 (`overwrite=True`: results of a label made with another model, a retrained adapter, are
 moved to a backup and the model is evaluated again). Results are chain records (the
 chains.jsonl contract) with `source` = the model label
-(`base`, `dpo`, `teacher`), written as each chain ends and resumable exactly like teacher
+(`base`, `dpo`, `teacher`; `base+grammar` and `dpo+grammar` decode under the toolset's grammar,
+`fclib.backends.local.GrammarMask`), written as each chain ends and resumable exactly like teacher
 generation. Accuracy counts *verified* correct chains (FOL chains must derive their answer
 from the facts); `answer_accuracy` counts right final answers however they were reached.
 """
@@ -32,7 +33,9 @@ from fclib.settings import Settings
 from fclib.train import PRECISIONS
 
 Record = Mapping[str, Any]
-EVAL_MODELS = ("base", "dpo", "teacher")
+EVAL_MODELS = ("base", "dpo", "teacher", "base+grammar", "dpo+grammar")  # +grammar: constrained decoding
+# Pairs compared besides base vs DPO, when both are evaluated: how much a decoder constraint alone gives
+COMPARISONS = (("base", "base+grammar"), ("base+grammar", "dpo"), ("dpo", "dpo+grammar"))
 
 
 @dataclass
@@ -42,7 +45,7 @@ class EvalSettings(Settings):
     The agent's limits are `AgentConfig`'s (sampling at `eval_temperature`), the teacher's `TeacherSettings`.
     """
 
-    eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))  # the teacher is skipped when local
+    eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS[:3]))  # the teacher: skipped when local
     eval_limit: int = 0  # at most this many test problems per task and FOL world size (0: all)
     eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
     eval_temperature: float = 0.0  # sampling temperature of evaluation
@@ -63,6 +66,9 @@ class EvalSettings(Settings):
         for key in ("student_url", "dpo_url"):
             if getattr(self, key) and not getattr(self, key).startswith(("http://", "https://")):
                 wrong.append(f"{key} must start with http:// or https://")
+        for key, label in (("student_url", "base+grammar"), ("dpo_url", "dpo+grammar")):
+            if getattr(self, key) and label in self.eval_models:
+                wrong.append(f"{label} decodes under a grammar in this process; it cannot with {key} set")
         if self.dpo_url and not self.dpo_model:
             wrong.append("dpo_url needs dpo_model, the DPO student's model id at that endpoint")
         return wrong
@@ -275,7 +281,10 @@ def paired_valid_calls(base: Sequence[Record], other: Sequence[Record]) -> dict[
 def metrics(
     records: Sequence[Record], problems: Sequence[Problem] | None = None, pair: tuple[str, str] = ("base", "dpo")
 ) -> dict[str, Any]:
-    """`{"models": {label: {task: {...}}}, "paired": {task: {...}}}` for all evaluated records."""
+    """`{"models": {label: {task: {...}}}, "paired": {task: {...}}, "comparisons": {...}}` for all evaluated records.
+
+    `paired` compares `pair` (base and DPO); `comparisons` holds each pair of `COMPARISONS` that was evaluated,
+    as `{"first vs second": {task: {...}}}`."""
     by_id = {p.id: p for p in problems or []}
     groups: dict[str, dict[str, list[Record]]] = {}
     for r in records:
@@ -284,12 +293,20 @@ def metrics(
         label: {task: summarize_model(rs, by_id or None) for task, rs in sorted(tasks.items())}
         for label, tasks in groups.items()
     }
-    paired = {}
-    first, second = pair
-    if first in groups and second in groups:
-        for task in sorted(set(groups[first]) & set(groups[second])):
-            paired[task] = {"models": [first, second], **paired_test(groups[first][task], groups[second][task])}
-    return {"models": models, "paired": paired}
+
+    def compared(first: str, second: str) -> dict[str, Any]:
+        if first not in groups or second not in groups:
+            return {}
+        return {
+            task: {"models": [first, second], **paired_test(groups[first][task], groups[second][task])}
+            for task in sorted(set(groups[first]) & set(groups[second]))
+        }
+
+    out = {"models": models, "paired": compared(*pair)}
+    comparisons = {f"{a} vs {b}": compared(a, b) for a, b in COMPARISONS if (a, b) != tuple(pair)}
+    if any(comparisons.values()):
+        out["comparisons"] = {name: c for name, c in comparisons.items() if c}
+    return out
 
 
 def significance_sentence(task: str, p: Mapping[str, Any]) -> str:
@@ -396,6 +413,9 @@ def write_report(
         lines += [f"- {significance_sentence(task, p)}" for task, p in m["paired"].items()]
     else:
         lines.append("Only one of the two models was evaluated: no paired comparison.")
+    if m.get("comparisons"):
+        lines += ["", "## Constrained decoding", "", "The `+grammar` models decode under their toolset's grammar.", ""]
+        lines += [f"- {significance_sentence(task, p)}" for c in m["comparisons"].values() for task, p in c.items()]
     lines += [
         "",
         "## How the chains end",

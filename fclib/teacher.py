@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fclib.agent import OUTCOMES, AgentConfig
+from fclib.agent import OUTCOMES, AgentConfig, check_constrained
 from fclib.backends import ChatBackend, GenerationSettings, Reply, open_teacher
 from fclib.chains import claim, fingerprint, key_of, resume, same_value
 from fclib.problems import Problem
@@ -73,6 +73,9 @@ class TeacherSettings(Settings):
     price_completion: float = 0.0  # USD per million completion tokens
     skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or set aside and redo
     protocol: str = "text"  # the agent's protocol (AgentConfig); step sampling needs 'text'
+    teacher_grammar: bool = (
+        False  # a local teacher decodes each reply under its toolset's grammar (AgentConfig.grammar)
+    )
 
     def faults(self) -> list[str]:
         wrong = []
@@ -94,6 +97,13 @@ class TeacherSettings(Settings):
             wrong.append(f"teacher_backend must be inprocess or server, not {self.teacher_backend!r}")
         if self.teacher_url and not self.teacher_url.startswith(("http://", "https://")):
             wrong.append("teacher_url must start with http:// or https://")
+        if self.teacher_grammar and (
+            self.teacher_url or self.teacher_backend != "inprocess" or self.protocol != "text"
+        ):
+            wrong.append(
+                "teacher_grammar needs a local teacher in process (no teacher_url, teacher_backend inprocess)"
+                " and protocol text"
+            )
         if not is_variable_name(self.teacher_api_key_env):
             wrong.append(KEY_REFUSED)
         return wrong
@@ -181,6 +191,7 @@ def sample_steps(
     config = config or AgentConfig()
     if config.native_tools:
         raise ValueError("step sampling speaks the text protocol: set protocol='text' or step_samples=0")
+    check_constrained(backend, config)
     by_id = {p.id: p for p in problems}
     references = [r for r in references if r["problem_id"] in by_id]
     path = Path(path)
@@ -214,6 +225,9 @@ def sample_steps(
                     zlib.crc32(f"{config.seed}:step:{ref['problem_id']}:{turn}:{k}".encode()) & 0x7FFFFFFF
                     for ref, turn, _, k in chunk
                 ),
+                grammars=tuple(TASKS[ref["task"]].toolset(by_id[ref["problem_id"]]).grammar() for ref, *_ in chunk)
+                if config.grammar
+                else (),
             )
             try:
                 replies = backend.chat(

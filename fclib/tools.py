@@ -2,13 +2,14 @@
 
 A *function* has a name, typed parameters, a one-line description and example calls. A
 *toolset* renders its functions as prompt text (description + examples, as the paper
-injects them) and as the OpenAI `tools` JSON schema, and executes calls: names, arity,
-types and ranges are checked before anything runs, and every failure becomes a message
-meant for the model, never an exception that ends the chain.
+injects them), as the OpenAI `tools` JSON schema and as a grammar for constrained decoding,
+and executes calls: names, arity, types and ranges are checked before anything runs, and
+every failure becomes a message meant for the model, never an exception that ends the chain.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -246,6 +247,23 @@ class Toolset:
             for f in self
         ]
 
+    def grammar(self) -> str:
+        """A Lark grammar (llguidance's dialect) of exactly one call to one of these functions, as
+        `format_call` writes it: every parameter by keyword, in declared order, each a literal of its
+        declared type (one of its `choices` where it has them), and nothing before or after.
+
+        Ranges are not encoded: a value out of range is well formed and the function refuses it.
+        """
+        rules = [f"start: {' | '.join(f'call_{f.name}' for f in self)}"]
+        for f in self:
+            parts = [json.dumps(f"{f.name}(", ensure_ascii=False)]
+            for i, p in enumerate(f.params):
+                parts += [json.dumps(f"{', ' if i else ''}{p.name}=", ensure_ascii=False), _value_grammar(p)]
+            parts.append('")"')
+            rules.append(f"call_{f.name}: {' '.join(parts)}")
+        used = [t for name, t in _TERMINALS.items() if any(f"{name})" in r or f"{name} |" in r for r in rules)]
+        return "\n".join(rules + used) + "\n"
+
     def execute(self, call: ParsedCall) -> Execution:
         """Validate and run a parsed call; every failure is returned as an error message."""
         f = self.functions.get(call.name)
@@ -268,6 +286,26 @@ class Toolset:
         except (ArithmeticError, ValueError) as e:  # overflow, math domain errors
             return Execution(f.name, kwargs, error=f"{f.name} failed: {e}", **failed)
         return Execution(f.name, kwargs, value=value, final=f.final)
+
+
+# The literals of each type, as Python writes them (`ast` must accept them: no leading zeros).
+_DIGITS = len(str(int(MAX_ABS_NUMBER)))
+_TERMINALS = {
+    "BOOL": 'BOOL: "True" | "False"',
+    "BOOLS": f"BOOLS: /\\[((True|False)(, (True|False)){{0,{MAX_LIST - 1}}})?\\]/",
+    "INT": f"INT: /-?(0|[1-9][0-9]{{0,{_DIGITS - 1}}})/",
+    "NUMBER": f"NUMBER: /-?(0|[1-9][0-9]{{0,{_DIGITS - 1}}})(\\.[0-9]{{1,10}})?/",
+    "STRING": f"STRING: /'[^'\\\\\\n]{{0,{MAX_STRING}}}'/",
+}
+_TYPE_TERMINALS = {bool: "BOOL", list: "BOOLS", int: "INT", float: "NUMBER", str: "STRING"}
+
+
+def _value_grammar(p: Param) -> str:
+    """The grammar of one parameter's value: one of its choices, or a literal of one of its types."""
+    if p.choices is not None:
+        return "(" + " | ".join(json.dumps(repr(c), ensure_ascii=False) for c in p.choices) + ")"
+    types = p.type if isinstance(p.type, tuple) else (p.type,)
+    return "(" + " | ".join(_TYPE_TERMINALS[t] for t in types) + ")"
 
 
 def _check_result(value: Any) -> None:

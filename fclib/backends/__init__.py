@@ -51,6 +51,9 @@ class GenerationSettings:
     # share its batch (the local backend draws each row from its own random stream; servers
     # that honour per-request seeds do the same). Without them the local backend seeds a batch.
     seeds: tuple[int, ...] = ()
+    # One grammar per conversation (Lark, `Toolset.grammar`), or none: constrained decoding, for
+    # backends whose `constrained_decoding` is True (the local one).
+    grammars: tuple[str | None, ...] = ()
 
     def seed_of(self, i: int) -> int:
         """The seed of conversation i."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import llguidance
+import numpy as np
 
 from fclib.backends import GenerationSettings, Message, Reply, cut_at_stop
 from fclib.fast.kv_cache import PrefixCache, Span, use_gqa_sdpa
@@ -41,6 +45,49 @@ class RowSampler:
         return scores + gumbel.to(scores.device)
 
 
+class GrammarMask:
+    """A logits processor that keeps each row to the tokens its grammar allows next (llguidance).
+
+    One matcher per row, built from the row's grammar (Lark, `Toolset.grammar`); a row without a
+    grammar is left alone. Each step the matcher takes the token the row generated last and
+    computes the mask of the next one: everything else gets -inf before any sampling, so the
+    row can only write a string of the grammar and then its end-of-text token. `seconds` and
+    `steps` count the time spent on matchers and masks, for the cost per token.
+    """
+
+    def __init__(self, tokenizer: Any, grammars: Sequence[str | None]) -> None:
+        self.matchers = [
+            llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(g), log_level=0) if g else None
+            for g in grammars
+        ]
+        for m in self.matchers:
+            if m is not None and m.is_error():
+                raise ValueError(f"the grammar does not compile: {m.get_error()}")
+        self.started = False
+        self.seconds, self.steps = 0.0, 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        t0 = time.perf_counter()
+        if self.started:  # the token each row generated last (rows that ended get padding: not consumed)
+            for m, token in zip(self.matchers, input_ids[:, -1].tolist()):
+                if m is not None and not m.is_stopped():
+                    m.consume_token(token)
+        self.started = True
+        vocab = scores.shape[-1]
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
+        for i, m in enumerate(self.matchers):
+            if m is not None and not m.is_error():
+                bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+                row = np.zeros(vocab, dtype=bool)
+                row[: min(vocab, len(bits))] = bits[:vocab].astype(bool)
+                allowed[i] = torch.from_numpy(row)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+
+
 class LocalBackend:
     """A transformers causal LM generating for a batch of conversations at once.
 
@@ -51,7 +98,12 @@ class LocalBackend:
     computed, never what. `cache_tokens` bounds the memory it keeps, in row positions. On
     CPU, a model with grouped key/value heads is switched to an SDPA attention that gives the
     same output without copying those heads (`kv_cache.use_gqa_sdpa`).
+
+    Given one grammar per conversation (`GenerationSettings.grammars`), each reply is decoded
+    under its grammar (`GrammarMask`): constrained decoding.
     """
+
+    constrained_decoding = True
 
     def __init__(
         self,
@@ -73,6 +125,8 @@ class LocalBackend:
         self.prefix_cache = prefix_cache
         self.kv = PrefixCache(model, cache_tokens)
         self._stops: dict[tuple[str, ...], Any] = {}
+        self._grammar_tokenizer: Any = None  # llguidance's view of the vocabulary, built on first use (~1 s)
+        self.grammar_stats = {"seconds": 0.0, "steps": 0}  # time GrammarMask spent, over decoding steps
 
     @classmethod
     def load(cls, name: str, batch_size: int = 16, prefix_cache: bool = True, **kwargs: Any) -> LocalBackend:
@@ -112,12 +166,19 @@ class LocalBackend:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             seeds = [settings.seed_of(i) for i in idx] if settings.seeds else None
-            for i, reply in zip(idx, self._generate([ids[i] for i in idx], [keys[i] for i in idx], settings, seeds)):
+            grammars = [settings.grammars[i] for i in idx] if settings.grammars else None
+            rows, row_keys = [ids[i] for i in idx], [keys[i] for i in idx]
+            for i, reply in zip(idx, self._generate(rows, row_keys, settings, seeds, grammars)):
                 replies[i] = reply
         return replies  # type: ignore[return-value]
 
     def _generate(
-        self, rows: list[list[int]], keys: list[int], settings: GenerationSettings, seeds: list[int] | None = None
+        self,
+        rows: list[list[int]],
+        keys: list[int],
+        settings: GenerationSettings,
+        seeds: list[int] | None = None,
+        grammars: list[str | None] | None = None,
     ) -> list[Reply]:
         import torch
 
@@ -146,26 +207,29 @@ class LocalBackend:
             return_dict_in_generate=True,
         )
         kwargs["cache"] = self.kv.batch_cache(reuse, C + N + settings.max_tokens)
+        processors: list[Any] = []
+        if grammars and any(grammars):  # the grammar's mask comes first: sampling sees only allowed tokens
+            processors.append(GrammarMask(self.grammar_tokenizer(), grammars))
         if settings.temperature > 0 and seeds:  # sampled as greedy decoding of Gumbel-perturbed scores
-            from transformers import LogitsProcessorList
-
-            kwargs.update(
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                logits_processor=LogitsProcessorList([RowSampler(seeds, settings.temperature, settings.top_p)]),
-            )
+            processors.append(RowSampler(seeds, settings.temperature, settings.top_p))
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         elif settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # the model's generation_config may carry sampling defaults that greedy must not warn about
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if settings.stop:
             kwargs["stopping_criteria"] = self._stop_criteria(tuple(settings.stop))
+        if processors:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         kwargs.update(settings.extra)
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(settings.seed)
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        if processors and isinstance(processors[0], GrammarMask):
+            self.grammar_stats["seconds"] += processors[0].seconds
+            self.grammar_stats["steps"] += processors[0].steps
         new = out.sequences[:, C + N :].tolist()
         stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
         lengths = [next((i for i, t in enumerate(row) if t in stops), len(row)) for row in new]
@@ -199,6 +263,16 @@ class LocalBackend:
                 )
             )
         return replies
+
+    def grammar_tokenizer(self) -> Any:
+        """The tokenizer as llguidance sees it (as `llguidance.hf.from_tokenizer` builds it, without importing
+        transformers here), built once: it reads the whole vocabulary."""
+        if self._grammar_tokenizer is None:
+            fast = copy.copy(self.tokenizer.backend_tokenizer)  # a fast (Rust) tokenizer; padding and truncation off
+            fast.no_padding()
+            fast.no_truncation()
+            self._grammar_tokenizer = llguidance.LLTokenizer(fast.to_str(), eos_token=self.tokenizer.eos_token_id)
+        return self._grammar_tokenizer
 
     def _stop_criteria(self, stop: tuple[str, ...]) -> Any:
         """Stop-string criteria, built once per set of strings: building them scans the whole

@@ -136,17 +136,37 @@ def _seed_difference(table: dict[str, int]) -> tuple[float, float]:
     return (c - b) / n, max((bs + cs) - (cs - bs) ** 2 / ns, 1e-12) / ns**2
 
 
+def paired(result: RunResult, task: str, pair: Sequence[str] = MODELS) -> dict[str, Any] | None:
+    """A run's paired comparison of two models on `task` (notebook 05's `paired` for base and DPO, else one
+    of its `comparisons`, such as base+grammar vs dpo), or None when the run did not evaluate both."""
+    first, second = pair
+    found = result.metrics.get("paired", {}) if tuple(pair) == MODELS else {}
+    found = found or result.metrics.get("comparisons", {}).get(f"{first} vs {second}", {})
+    return found.get(task)
+
+
+def comparisons(results: Sequence[RunResult]) -> list[tuple[str, str]]:
+    """The model pairs compared besides base and DPO (notebook 05's `comparisons`), in the order runs hold them."""
+    found: dict[tuple[str, str], None] = {}
+    for r in results:
+        for name in r.metrics.get("comparisons", {}):
+            first, second = name.split(" vs ")
+            found[(first, second)] = None
+    return list(found)
+
+
 def pooled_effect(
-    results: Sequence[RunResult], task: str = "fol", bootstrap: int = 10000, seed: int = 0
+    results: Sequence[RunResult], task: str = "fol", bootstrap: int = 10000, seed: int = 0, pair: Sequence[str] = MODELS
 ) -> dict[str, Any]:
-    """Base vs DPO over the runs (one a seed) on `task`: the exact stratified test, the random-effects
-    mean difference with its Hartung-Knapp interval, and a hierarchical bootstrap interval."""
+    """Two models (`pair`: base and DPO unless given) over the runs, one a seed, on `task`: the exact
+    stratified test, the random-effects mean difference with its Hartung-Knapp interval, and a
+    hierarchical bootstrap interval. The counts are named for base (the first) and DPO (the second)."""
     from scipy.stats import binomtest, t
 
-    tables = [r.metrics["paired"][task]["table"] for r in results if task in r.metrics.get("paired", {})]
+    tables = [x["table"] for r in results if (x := paired(r, task, pair)) is not None]
     k = len(tables)
     if k == 0:
-        raise ValueError(f"no run compares base and DPO on {task}")
+        raise ValueError(f"no run compares {pair[0]} and {pair[1]} on {task}")
     b = sum(x["base_only"] for x in tables)
     c = sum(x["other_only"] for x in tables)
     p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
@@ -177,6 +197,7 @@ def pooled_effect(
         boots[i] = np.mean(diffs)
     return {
         "task": task,
+        "models": list(pair),
         "seeds": k,
         "n": int(sum(sum(x.values()) for x in tables)),
         "base_correct": int(sum(x["both"] + x["base_only"] for x in tables)),
@@ -197,12 +218,12 @@ def pooled_effect(
     }
 
 
-def pooled_valid_calls(results: Sequence[RunResult], task: str = "fol") -> dict[str, Any]:
-    """Valid-call rates over seeds: the exact sign test on the problems where DPO's share is higher or
-    lower than base's, pooled over seeds; and the mean of each model's per-seed rate."""
+def pooled_valid_calls(results: Sequence[RunResult], task: str = "fol", pair: Sequence[str] = MODELS) -> dict[str, Any]:
+    """Valid-call rates over seeds: the exact sign test on the problems where DPO's (the second model's)
+    share is higher or lower than base's, pooled over seeds; and the mean of each model's per-seed rate."""
     from scipy.stats import binomtest
 
-    rows = [r.metrics["paired"][task]["valid_calls"] for r in results if task in r.metrics.get("paired", {})]
+    rows = [x["valid_calls"] for r in results if (x := paired(r, task, pair)) is not None]
     higher, lower = sum(x["higher"] for x in rows), sum(x["lower"] for x in rows)
     return {
         "task": task,
@@ -213,6 +234,34 @@ def pooled_valid_calls(results: Sequence[RunResult], task: str = "fol") -> dict[
         "lower": lower,
         "p_value": float(binomtest(higher, higher + lower, 0.5).pvalue) if higher + lower else 1.0,
     }
+
+
+def comparison_table(results: Sequence[RunResult], task: str = "fol", bootstrap: int = 2000) -> list[dict[str, Any]]:
+    """One row per compared pair of models (base and DPO first, then notebook 05's `comparisons`, such as
+    the grammar-constrained students), pooled over the runs that evaluated both."""
+    rows = []
+    for pair in [MODELS, *comparisons(results)]:
+        group = [r for r in results if paired(r, task, pair) is not None]
+        if not group:
+            continue
+        p = pooled_effect(group, task, bootstrap=bootstrap, pair=pair)
+        calls = pooled_valid_calls(group, task, pair)
+        lo, hi = p["random_effects"]["ci95"]
+        rows.append(
+            {
+                "first": pair[0],
+                "second": pair[1],
+                "seeds": " ".join(str(r.seed) for r in group),
+                "first correct": f"{p['base_correct']}/{p['n']}",
+                "second correct": f"{p['dpo_correct']}/{p['n']}",
+                "difference": p["random_effects"]["difference"],
+                "95% CI": f"{lo:+.3f} to {hi:+.3f}",
+                "p (stratified)": p["p_value"],
+                "valid calls first": calls["base_rate"],
+                "valid calls second": calls["dpo_rate"],
+            }
+        )
+    return rows
 
 
 def by_variant(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:

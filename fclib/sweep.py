@@ -58,8 +58,14 @@ RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memo
 RUN_FILES += ["screenshots"]  # the browser test's, of notebook 01 in JupyterLab: no stage's output
 # What the notebooks after 01 read of its output: a stage's key covers these files' content
 PROBLEM_FILES = {"02": "problems/train.jsonl", "05": "problems/test.jsonl"}
+# Notebook 05's results ledger resumes per model label: a run that shares everything up to 05 with another
+# (its adapter and its test problems) starts 05 from a copy of the other's results and runs only the models
+# (eval_models) the other did not; a label made with another model or agent is redone (fclib.chains: the
+# ledger's meta file holds each label's model and agent settings).
+EVAL_RESULTS = ["eval/results.jsonl", "eval/results.meta.json"]
 # What --record keeps of a run: its numbers (its report.md shows figures the record does not keep)
 RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json"]
+RECORDED += ["chains/summary.json", "pairs/stats.json"]  # the teacher's yield and the pairs it gave
 COMPARE_NOTEBOOK = pipeline.NOTEBOOKS / "06_compare_runs.ipynb"
 SWEEP_FILE = "sweep.json"
 
@@ -175,11 +181,17 @@ def declared_parameters() -> dict[str, set[str]]:
     return {nb.name[:2]: set(pm.inspect_notebook(str(nb))) for nb in pipeline.notebooks()}
 
 
+def saved_parameters(folder: Path) -> dict[str, Any]:
+    """A run folder's parameters, with each parameter added to the notebooks since at its default: a new
+    parameter's default keeps what the notebooks did before it existed, so that is what the run ran with."""
+    return {**pipeline.notebook_parameters(), **yaml.safe_load((folder / "params.yaml").read_text())}
+
+
 def done_notebooks(folder: Path, params: dict[str, Any]) -> list[str]:
     """The notebooks (NN) a run folder has finished with these parameters, in order, stopping at the first not done."""
     if not (folder / "params.yaml").is_file():
         return []
-    if yaml.safe_load((folder / "params.yaml").read_text()) != params:
+    if saved_parameters(folder) != params:
         raise SystemExit(f"{folder} holds a run with other parameters; remove it, or give the sweep another --name")
     timings = _read_json(folder / "timings.json")
     done = []
@@ -247,7 +259,7 @@ class Sweep:
         self.elsewhere = []  # (folder, parameters) of finished runs of other sweeps (--reuse), also sources
         for where in reuse:
             for params_file in sorted(Path(where).glob("*/params.yaml")):
-                self.elsewhere.append((params_file.parent, yaml.safe_load(params_file.read_text())))
+                self.elsewhere.append((params_file.parent, saved_parameters(params_file.parent)))
         self.state = _read_json(self.folder / SWEEP_FILE)
         planned = [r.name for r in self.runs]
         if self.state and [r["name"] for r in self.state.get("runs", [])] != planned:
@@ -292,6 +304,25 @@ class Sweep:
             if len(shared) > len(best[1]):
                 best = (folder, shared)
         return best
+
+    def results_source(self, run: Run, upto: int) -> Path | None:
+        """A finished run (of this sweep or --reuse) with the same notebooks 01-04 and test problems as `run`, whose
+        evaluation results `run` can start from; None if there is none."""
+        last = sorted(self.declared)[-1]
+        mine = stage_keys(run.params, self.declared, self.folder / run.name)
+        test = self.folder / run.name / PROBLEM_FILES[last]
+        candidates = [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
+        for folder, params in candidates:
+            before = [nn for nn in sorted(self.declared) if nn != last]
+            theirs, finished = stage_keys(params, self.declared, folder), done_notebooks(folder, params)
+            if (
+                all((folder / rel).is_file() for rel in EVAL_RESULTS)
+                and set(before) <= set(finished)
+                and all(theirs[nn] is not None and theirs[nn] == mine[nn] for nn in before)
+                and (folder / PROBLEM_FILES[last]).read_bytes() == test.read_bytes()
+            ):
+                return folder
+        return None
 
     def save(self) -> None:
         (self.folder / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
@@ -349,6 +380,8 @@ class Sweep:
                         continue
                     start = all_nn[len(done)]
                     stop = start if not done else None  # notebook 01 alone, then look again
+                    if start == all_nn[-1] and not (folder / EVAL_RESULTS[0]).exists():
+                        self.start_from_results(run, i, entry, where)
                     log.info("%s: running notebooks %s-%s", where, start, stop or all_nn[-1])
                     pipeline.run(run.params, start=start, stop=stop)
                     before, done = done, done_notebooks(folder, run.params)
@@ -366,6 +399,18 @@ class Sweep:
         self.state["wall_s"] = round(self.state.get("wall_s", 0) + time.perf_counter() - t_sweep, 1)
         self.save()
         return failed
+
+    def start_from_results(self, run: Run, i: int, entry: dict[str, Any], where: str) -> None:
+        """Copy the evaluation results of a run that shares notebooks 01-04 and the test problems (results_source)."""
+        source = self.results_source(run, i)
+        if source is None:
+            return
+        for rel in EVAL_RESULTS:
+            (self.folder / run.name / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, self.folder / run.name / rel)
+        name = source.name if source.parent == self.folder else str(source)
+        entry.setdefault("reused", []).append({"from": name, "notebooks": [], "files": EVAL_RESULTS})
+        log.info("%s: notebook 05 starts from the results of %s (only models they lack are evaluated)", where, name)
 
     def compare(self) -> Path:
         """Notebook 06 on this sweep's runs, executed into the sweep folder."""

@@ -129,6 +129,27 @@ def test_no_effect_is_not_significant_and_the_ablation_table_has_a_row_per_varia
     assert rows[1]["DPO"] == pytest.approx(9 / 40) and rows[1]["p (stratified)"] < 1e-6
 
 
+def test_grammar_comparisons_pool_like_base_and_dpo():
+    results = [_result(i, _table(0, 0, 6, 34)) for i in range(3)]
+    for r in results[:2]:  # two seeds also evaluated base+grammar: it solved 3 where DPO solved 6
+        valid = {"base_rate": 1.0, "other_rate": 1.0, "higher": 0, "lower": 0}
+        r.metrics["comparisons"] = {
+            "base+grammar vs dpo": {"fol": {"table": _table(3, 0, 3, 34), "valid_calls": valid}}
+        }
+    assert compare.comparisons(results) == [("base+grammar", "dpo")]
+    p = compare.pooled_effect(results, pair=("base+grammar", "dpo"), bootstrap=100)
+    assert (p["seeds"], p["base_correct"], p["dpo_correct"], p["dpo_only"]) == (2, 6, 12, 6)
+    assert p["models"] == ["base+grammar", "dpo"] and p["p_value"] == pytest.approx(2 / 2**6)
+    rows = compare.comparison_table(results)
+    assert [(r["first"], r["second"], r["seeds"]) for r in rows] == [
+        ("base", "dpo", "0 1 2"),
+        ("base+grammar", "dpo", "0 1"),
+    ]
+    assert rows[1]["first correct"] == "6/80" and rows[1]["second correct"] == "12/80"
+    with pytest.raises(ValueError, match="no run compares dpo and dpo\\+grammar"):
+        compare.pooled_effect(results, pair=("dpo", "dpo+grammar"))
+
+
 @pytest.mark.slow
 def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     """2 seeds x 2 variants that differ from notebook 03 on: each seed's problems and chains are made once."""
@@ -194,6 +215,31 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     assert (tmp_path / "sw2" / names[1] / "eval/metrics.json").read_bytes() == (
         folder / names[1] / "eval/metrics.json"
     ).read_bytes()
+    # a variant that adds the grammar baseline to the evaluation copies 01-04, starts 05 from the results of
+    # the run it shares them with, and evaluates only the model those lack
+    (tmp_path / "v.yaml").write_text("grammar: {max_pairs_per_problem: 2, eval_models: [base, dpo, base+grammar]}\n")
+    third = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0", "--name", "sw3", "--no-compare"]
+    third += ["--variants", str(tmp_path / "v.yaml"), "--reuse", str(folder)]
+    proc = subprocess.run(third, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "sw3" / "sweep.json").read_text())["runs"][0]
+    source = str(folder / names[1])
+    assert run["reused"] == [
+        {"from": source, "notebooks": ["01", "02", "03", "04"]},
+        {"from": source, "notebooks": [], "files": ["eval/results.jsonl", "eval/results.meta.json"]},
+    ]
+    lines = (tmp_path / "sw3" / "grammar-s0" / "eval/results.jsonl").read_text().splitlines()
+    old = (folder / names[1] / "eval/results.jsonl").read_text().splitlines()
+    assert lines[: len(old)] == old  # base and DPO kept as they were, not evaluated again
+    added = [json.loads(line) for line in lines[len(old) :]]
+    assert added and {r["source"] for r in added} == {"base+grammar"}
+    # every call well formed, except one the token limit cut (the grammar cannot see the budget)
+    unusable = [c for r in added for c in r["calls"] if c["kind"] not in ("ok", "function_error")]
+    assert all(c["kind"] == "parse_error" and "unclosed" in c["error"] for c in unusable), unusable
+    m = json.loads((tmp_path / "sw3" / "grammar-s0" / "eval/metrics.json").read_text())
+    assert set(m["models"]) == {"base", "dpo", "base+grammar"}
+    assert set(m["comparisons"]) == {"base vs base+grammar", "base+grammar vs dpo"}
+    assert m["paired"] == json.loads((folder / names[1] / "eval/metrics.json").read_text())["paired"]
     # another grid under the same name is refused, not mixed in
     proc = subprocess.run([*command[:-4], "-p", "beta=0.3"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "holds another sweep" in proc.stderr

@@ -49,6 +49,10 @@ class EvalSettings(Settings):
     eval_limit: int = 0  # at most this many test problems per task and FOL world size (0: all)
     eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
     eval_temperature: float = 0.0  # sampling temperature of evaluation
+    eval_max_tokens_per_turn: int = (
+        0  # tokens per reply in evaluation (0: max_tokens_per_turn); bigger worlds need more
+    )
+    eval_max_chain_tokens: int = 0  # context a chain may reach in evaluation (0: max_chain_tokens)
     skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
     eval_precision: str = "auto"  # auto (CPU: fp32; CUDA: 4bit for a QLoRA adapter, else bf16), fp32, bf16, 4bit
     student_url: str = ""  # an OpenAI-compatible endpoint serving the base student (its id: `student`); "": in process
@@ -63,6 +67,8 @@ class EvalSettings(Settings):
             wrong.append(f"eval_models: some of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
         if self.eval_samples < 1 or self.eval_limit < 0 or self.eval_temperature < 0:
             wrong.append("eval_samples >= 1, eval_limit >= 0 and eval_temperature >= 0")
+        if self.eval_max_tokens_per_turn < 0 or self.eval_max_chain_tokens < 0:
+            wrong.append("eval_max_tokens_per_turn and eval_max_chain_tokens must be >= 0 (0: the agent's own)")
         for key in ("student_url", "dpo_url"):
             if getattr(self, key) and not getattr(self, key).startswith(("http://", "https://")):
                 wrong.append(f"{key} must start with http:// or https://")
@@ -72,6 +78,12 @@ class EvalSettings(Settings):
         if self.dpo_url and not self.dpo_model:
             wrong.append("dpo_url needs dpo_model, the DPO student's model id at that endpoint")
         return wrong
+
+    def agent_limits(self) -> dict[str, int]:
+        """The agent's limits evaluation sets itself (those > 0), for `AgentConfig`: held-out worlds larger than
+        the training ones need longer replies (a FOL call on lists of n truth values takes about 4n + 10 tokens)."""
+        given = {"max_tokens_per_turn": self.eval_max_tokens_per_turn, "max_chain_tokens": self.eval_max_chain_tokens}
+        return {k: v for k, v in given.items() if v}
 
     def served(self, url: str, model: str, teacher: Any) -> OpenAIBackend:
         """A served student behind `url`, asked like the teacher's endpoint (`teacher`: its settings), checked now."""

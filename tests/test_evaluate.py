@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fclib.evaluate import call_error, metrics, paired_test, pass_at_k, significance_sentence, wilson
+from fclib.evaluate import EvalSettings, call_error, metrics, paired_test, pass_at_k, significance_sentence, wilson
 from fclib.problems import Problem
 
 
@@ -177,3 +177,14 @@ def test_the_error_taxonomy_reads_codes_not_messages():
     for c in calls:
         assert c["code"] == _code_of_old_record(c), c  # the same class the message matching gave
         assert call_error({**c, "error": "reworded"}) == call_error(c)
+
+
+def test_evaluation_sets_only_the_agent_limits_it_is_given():
+    from fclib.agent import AgentConfig
+
+    assert EvalSettings().agent_limits() == {}
+    given = EvalSettings(eval_max_tokens_per_turn=100, eval_max_chain_tokens=4096).agent_limits()
+    config = AgentConfig.from_params({"max_tokens_per_turn": 40, "max_chain_tokens": 2048}, **given)
+    assert (config.max_tokens_per_turn, config.max_chain_tokens) == (100, 4096)
+    only = EvalSettings(eval_max_chain_tokens=3000).agent_limits()
+    assert AgentConfig.from_params({"max_tokens_per_turn": 40}, **only).max_tokens_per_turn == 40

@@ -147,6 +147,7 @@ def test_a_bad_value_is_refused_by_the_stage_that_reads_it():
         (TrainSettings, {"beta": 0}, "beta and learning_rate must be > 0"),
         (TrainSettings, {"loss_weights": [1.0]}, "one weight per loss_type"),
         (EvalSettings, {"eval_models": ["dpo", "gpt"]}, "eval_models"),
+        (EvalSettings, {"eval_max_tokens_per_turn": -1}, "eval_max_tokens_per_turn"),
         (AgentConfig, {"max_steps": 0}, "max_steps must be at least 1"),
     ]
     for settings, values, message in cases:

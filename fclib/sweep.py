@@ -287,14 +287,17 @@ class Sweep:
             }
         self.state.setdefault("sessions", []).append({"started": _now(), "commit": pipeline._git_state()})
 
+    def candidates(self, upto: int) -> list[tuple[Path, dict[str, Any]]]:
+        """(folder, parameters) of the runs another may copy from: this sweep's first `upto`, and --reuse's."""
+        return [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
+
     def source_for(self, run: Run, upto: int, done: list[str]) -> tuple[Path | None, list[str]]:
         """The run folder (an earlier run of this sweep, or one of --reuse) whose finished notebooks equal the
         most of those `run` has still to do, in order from the next one, and those notebooks."""
         need = [nn for nn in sorted(self.declared) if nn not in done]
         mine = stage_keys(run.params, self.declared, self.folder / run.name)
         best: tuple[Path | None, list[str]] = (None, [])
-        candidates = [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
-        for folder, params in candidates:
+        for folder, params in self.candidates(upto):
             theirs, finished = stage_keys(params, self.declared, folder), done_notebooks(folder, params)
             shared = []
             for nn in need:
@@ -311,9 +314,8 @@ class Sweep:
         last = sorted(self.declared)[-1]
         mine = stage_keys(run.params, self.declared, self.folder / run.name)
         test = self.folder / run.name / PROBLEM_FILES[last]
-        candidates = [(self.folder / other.name, other.params) for other in self.runs[:upto]] + self.elsewhere
-        for folder, params in candidates:
-            before = [nn for nn in sorted(self.declared) if nn != last]
+        before = [nn for nn in sorted(self.declared) if nn != last]
+        for folder, params in self.candidates(upto):
             theirs, finished = stage_keys(params, self.declared, folder), done_notebooks(folder, params)
             if (
                 all((folder / rel).is_file() for rel in EVAL_RESULTS)

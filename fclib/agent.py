@@ -185,6 +185,7 @@ def run_chains(
             )
             states.append(_State(chain, p, tasks[p.task], toolset))
     bar = progress_bar(total=len(states), desc="chains", unit="chain", disable=not progress)
+    grammars = {id(s): s.toolset.grammar() for s in states} if config.grammar else {}  # one per chain, made once
 
     def ended(state: _State) -> None:
         bar.update(1)
@@ -203,7 +204,7 @@ def run_chains(
             seed=config.seed * 1000 + step,
             stop=() if config.native_tools else config.stop,
             seeds=tuple(_request_seed(config.seed, s.chain, step) for s in active),
-            grammars=tuple(s.toolset.grammar() for s in active) if config.grammar else (),
+            grammars=tuple(grammars[id(s)] for s in active) if grammars else (),
         )
         replies = _ask(backend, active, settings, config)
         for state, reply in zip(active, replies):

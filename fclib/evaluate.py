@@ -49,9 +49,7 @@ class EvalSettings(Settings):
     eval_limit: int = 0  # at most this many test problems per task and FOL world size (0: all)
     eval_samples: int = 1  # chains per problem: 1 = greedy; more for pass@k and majority vote
     eval_temperature: float = 0.0  # sampling temperature of evaluation
-    eval_max_tokens_per_turn: int = (
-        0  # tokens per reply in evaluation (0: max_tokens_per_turn); bigger worlds need more
-    )
+    eval_max_tokens_per_turn: int = 0  # tokens per reply in evaluation (0: max_tokens_per_turn)
     eval_max_chain_tokens: int = 0  # context a chain may reach in evaluation (0: max_chain_tokens)
     skip_damaged_lines: bool = False  # a damaged line inside eval/results.jsonl: stop (False) or set aside
     eval_precision: str = "auto"  # auto (CPU: fp32; CUDA: 4bit for a QLoRA adapter, else bf16), fp32, bf16, 4bit

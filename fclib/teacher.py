@@ -73,9 +73,7 @@ class TeacherSettings(Settings):
     price_completion: float = 0.0  # USD per million completion tokens
     skip_damaged_lines: bool = False  # a damaged line inside a chain file: stop (False) or set aside and redo
     protocol: str = "text"  # the agent's protocol (AgentConfig); step sampling needs 'text'
-    teacher_grammar: bool = (
-        False  # a local teacher decodes each reply under its toolset's grammar (AgentConfig.grammar)
-    )
+    teacher_grammar: bool = False  # a local teacher decodes under its toolset's grammar (AgentConfig.grammar)
 
     def faults(self) -> list[str]:
         wrong = []

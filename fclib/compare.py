@@ -136,13 +136,42 @@ def _seed_difference(table: dict[str, int]) -> tuple[float, float]:
     return (c - b) / n, max((bs + cs) - (cs - bs) ** 2 / ns, 1e-12) / ns**2
 
 
+def split_task(task: str) -> tuple[str, str | None]:
+    """A task name as notebook 06 writes it, `fol` or `fol n10` (FOL worlds of nmax 10 alone): ('fol', '10')."""
+    name, _, nmax = task.partition(" n")
+    return name, nmax or None
+
+
+def run_tasks(results: Sequence[RunResult]) -> list[str]:
+    """The tasks the runs compare base and DPO on, each followed by its held-out world sizes when there are
+    several (`fol`, `fol n10`, `fol n20`, `gsm8k`)."""
+    found: dict[str, None] = {}
+    for r in results:
+        for task, p in sorted(r.metrics.get("paired", {}).items()):
+            found[task] = None
+            found.update({f"{task} n{k}": None for k in p.get("by_nmax", {})})
+    return list(found)
+
+
 def paired(result: RunResult, task: str, pair: Sequence[str] = MODELS) -> dict[str, Any] | None:
     """A run's paired comparison of two models on `task` (notebook 05's `paired` for base and DPO, else one
-    of its `comparisons`, such as base+grammar vs dpo), or None when the run did not evaluate both."""
+    of its `comparisons`, such as base+grammar vs dpo), or None when the run did not evaluate both. A task
+    `fol n10` is the comparison within the held-out worlds of nmax 10."""
     first, second = pair
+    name, nmax = split_task(task)
     found = result.metrics.get("paired", {}) if tuple(pair) == MODELS else {}
-    found = found or result.metrics.get("comparisons", {}).get(f"{first} vs {second}", {})
-    return found.get(task)
+    found = (found or result.metrics.get("comparisons", {}).get(f"{first} vs {second}", {})).get(name)
+    return found.get("by_nmax", {}).get(nmax) if found is not None and nmax else found
+
+
+def solved(result: RunResult, model: str, task: str) -> int:
+    """How many of `task`'s problems a model solved in a run, from its own metrics (not from the paired table)."""
+    name, nmax = split_task(task)
+    x = result.metrics["models"][model][name]
+    if nmax is None:
+        return int(x["correct"])
+    cell = x["by_nmax"][nmax]
+    return round(cell["accuracy"] * cell["n"])
 
 
 def comparisons(results: Sequence[RunResult]) -> list[tuple[str, str]]:

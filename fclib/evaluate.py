@@ -195,14 +195,20 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
             if p is not None:
                 sizes.setdefault(int(p.meta["n"]), []).append(r["outcome"] == "correct")
         out["by_size"] = {str(s): _share(v) for s, v in sorted(sizes.items())}
-        nmaxes: dict[int, list[bool]] = {}
-        for r in records:
-            p = problems.get(r["problem_id"])
-            if p is not None and "nmax" in p.meta:
-                nmaxes.setdefault(int(p.meta["nmax"]), []).append(r["outcome"] == "correct")
+        nmaxes = by_nmax(records, problems)
         if len(nmaxes) > 1:  # problems of several world sizes, as the paper reports them: each, and all
-            out["by_nmax"] = {str(k): _share(v) for k, v in sorted(nmaxes.items())}
+            out["by_nmax"] = {k: _share([r["outcome"] == "correct" for r in v]) for k, v in nmaxes.items()}
     return out
+
+
+def by_nmax(records: Sequence[Record], problems: Mapping[str, Problem]) -> dict[str, list[Record]]:
+    """FOL records grouped by their problem's world size bound (`nmax`), smallest first; {} for other tasks."""
+    groups: dict[int, list[Record]] = {}
+    for r in records:
+        p = problems.get(r["problem_id"])
+        if p is not None and "nmax" in p.meta:
+            groups.setdefault(int(p.meta["nmax"]), []).append(r)
+    return {str(k): v for k, v in sorted(groups.items())}
 
 
 def _share(outcomes: Sequence[bool]) -> dict[str, Any]:
@@ -294,7 +300,8 @@ def metrics(
     """`{"models": {label: {task: {...}}}, "paired": {task: {...}}, "comparisons": {...}}` for all evaluated records.
 
     `paired` compares `pair` (base and DPO); `comparisons` holds each pair of `COMPARISONS` that was evaluated,
-    as `{"first vs second": {task: {...}}}`."""
+    as `{"first vs second": {task: {...}}}`. Where the held-out FOL worlds have several sizes, each comparison
+    also holds the same comparison within each size, as `by_nmax`."""
     by_id = {p.id: p for p in problems or []}
     groups: dict[str, dict[str, list[Record]]] = {}
     for r in records:
@@ -307,10 +314,16 @@ def metrics(
     def compared(first: str, second: str) -> dict[str, Any]:
         if first not in groups or second not in groups:
             return {}
-        return {
-            task: {"models": [first, second], **paired_test(groups[first][task], groups[second][task])}
-            for task in sorted(set(groups[first]) & set(groups[second]))
-        }
+        out = {}
+        for task in sorted(set(groups[first]) & set(groups[second])):
+            a, b = groups[first][task], groups[second][task]
+            out[task] = {"models": [first, second], **paired_test(a, b)}
+            sizes_a, sizes_b = by_nmax(a, by_id), by_nmax(b, by_id)
+            if len(sizes_a) > 1:  # held-out worlds of several sizes: the same comparison within each
+                out[task]["by_nmax"] = {
+                    k: {"models": [first, second], **paired_test(v, sizes_b.get(k, []))} for k, v in sizes_a.items()
+                }
+        return out
 
     out = {"models": models, "paired": compared(*pair)}
     comparisons = {f"{a} vs {b}": compared(a, b) for a, b in COMPARISONS if (a, b) != tuple(pair)}
@@ -420,7 +433,9 @@ def write_report(
             lines.append(f"| {label} | " + " | ".join(shown) + f" | {fol['accuracy']:.1%} (n={fol['n']}) |")
     lines += ["", "## Paired comparison", ""]
     if m["paired"]:
-        lines += [f"- {significance_sentence(task, p)}" for task, p in m["paired"].items()]
+        for task, p in m["paired"].items():
+            lines.append(f"- {significance_sentence(task, p)}")
+            lines += [f"  - {significance_sentence(f'{task}, nmax {k}', q)}" for k, q in p.get("by_nmax", {}).items()]
     else:
         lines.append("Only one of the two models was evaluated: no paired comparison.")
     if m.get("comparisons"):

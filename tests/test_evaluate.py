@@ -114,7 +114,14 @@ def test_fol_accuracy_by_nmax_as_the_paper_reports_it(tmp_path):
         "10": {"accuracy": 0.75, "n": 4, "ci95": list(wilson(3, 4))},
         "20": {"accuracy": 0.25, "n": 4, "ci95": list(wilson(1, 4))},
     }
+    within = m["paired"]["fol"]["by_nmax"]  # base vs DPO within each size: the same test on that size's problems
+    assert {k: (v["n"], v["table"]["other_only"], v["table"]["base_only"]) for k, v in within.items()} == {
+        "10": (4, 2, 0),
+        "20": (4, 1, 0),
+    }
+    assert within["10"]["p_value"] == pytest.approx(0.5) and within["20"]["models"] == ["base", "dpo"]
     text = write_report(tmp_path, m, {"run_name": "t"}).read_text()
+    assert "  - fol, nmax 20: dpo 25.0% vs base 0.0% on the same 4 problems" in text
     assert "| model | nmax 10 | nmax 20 | all |" in text
     assert "| dpo | 75.0% (n=4) | 25.0% (n=4) | 50.0% (n=8) |" in text and "| base | 25.0% (n=4) | 0.0% (n=4) |" in text
     from fclib.evaluate import EvalSettings
@@ -123,6 +130,7 @@ def test_fol_accuracy_by_nmax_as_the_paper_reports_it(tmp_path):
     assert [p.id for p in limited] == ["p0", "p1", "p4", "p5"] and EvalSettings().problems(problems) == problems
     one_size = [Problem(p.id, "fol", "q", True, {"n": 3, "nmax": 10}) for p in problems]
     assert "by_nmax" not in metrics(records, one_size)["models"]["dpo"]["fol"]  # one size: the table is the total
+    assert "by_nmax" not in metrics(records, one_size)["paired"]["fol"]
 
 
 def test_pass_at_k_and_majority_vote():

@@ -150,6 +150,38 @@ def test_grammar_comparisons_pool_like_base_and_dpo():
         compare.pooled_effect(results, pair=("dpo", "dpo+grammar"))
 
 
+def test_held_out_world_sizes_pool_each_alone(tmp_path):
+    """Runs evaluated on FOL worlds of nmax 10 and 20 (the generalisation variant): notebook 05's metrics hold
+    base against DPO within each size, and notebook 06 pools each size over seeds as a task of its own."""
+    from fclib.evaluate import metrics
+    from fclib.problems import Problem
+
+    problems = [Problem(f"p{i}", "fol", "q", True, {"n": 3, "nmax": 10 if i < 5 else 20}) for i in range(10)]
+    problems.append(Problem("g0", "gsm8k", "q", 1, {}))
+    solved_by = [{"base": {"p0"}, "dpo": {"p0", "p1", "p2", "p5", "g0"}}, {"base": set(), "dpo": {"p3", "p4"}}]
+    results = []
+    for seed, solved in enumerate(solved_by):
+        records = [
+            {"source": m, "problem_id": p.id, "task": p.task, "sample": 0, "calls": [], "final_answer": None}
+            | {"outcome": "correct" if p.id in solved[m] else "max_steps", "answer_correct": p.id in solved[m]}
+            for m in solved
+            for p in problems
+        ]
+        results.append(compare.RunResult(f"s{seed}", "nmax", seed, {"seed": seed}, metrics(records, problems)))
+    assert compare.run_tasks(results) == ["fol", "fol n10", "fol n20", "gsm8k"]
+    assert compare.split_task("fol n20") == ("fol", "20") and compare.split_task("gsm8k") == ("gsm8k", None)
+    small, large = (compare.pooled_effect(results, task, bootstrap=50) for task in ("fol n10", "fol n20"))
+    assert (small["n"], small["base_correct"], small["dpo_correct"], small["dpo_only"]) == (10, 1, 5, 4)
+    assert (large["n"], large["base_correct"], large["dpo_correct"], large["dpo_only"]) == (10, 0, 1, 1)
+    whole = compare.pooled_effect(results, "fol", bootstrap=50)
+    assert whole["dpo_only"] == small["dpo_only"] + large["dpo_only"] and whole["n"] == 20
+    for task, p in (("fol n10", small), ("fol n20", large), ("fol", whole)):  # the models' own counts agree
+        assert p["dpo_correct"] == sum(compare.solved(r, "dpo", task) for r in results)
+        assert p["base_correct"] == sum(compare.solved(r, "base", task) for r in results)
+    assert compare.paired(results[0], "gsm8k n10") is None  # GSM8K has no world sizes
+    assert [r["DPO"] for r in compare.ablation_table(results, "fol n10")] == [pytest.approx(0.5)]
+
+
 @pytest.mark.slow
 def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     """2 seeds x 2 variants that differ from notebook 03 on: each seed's problems and chains are made once."""

@@ -122,6 +122,7 @@ def seed_table(results: Sequence[RunResult]) -> list[dict[str, Any]]:
                         "model": model,
                         "n": x["n"],
                         **{col: x[key] for key, col in COLUMNS.items()},
+                        "faithful": x["faithful"]["accuracy"] if "faithful" in x else None,  # FOL; older runs have none
                     }
                 )
     return rows

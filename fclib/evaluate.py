@@ -30,6 +30,7 @@ from fclib.backends.endpoint import OpenAIBackend
 from fclib.chains import set_aside_counts
 from fclib.problems import Problem
 from fclib.settings import Settings
+from fclib.tasks import fol
 from fclib.train import PRECISIONS
 
 Record = Mapping[str, Any]
@@ -188,6 +189,8 @@ def summarize_model(records: Sequence[Record], problems: Mapping[str, Problem] |
             top = answers.most_common(1)[0][0]
             votes.append(any(r.get("answer_correct") for r in rs if repr(r["final_answer"]) == top))
         out["majority_vote_answer_accuracy"] = sum(votes) / len(votes)
+    if records and records[0]["task"] == "fol":  # verified, and every value passed on as it was returned
+        out["faithful"] = _share([r["outcome"] == "correct" and fol.faithful(r["calls"]) for r in records])
     if problems is not None and records and records[0]["task"] == "fol":
         sizes: dict[int, list[bool]] = {}
         for r in records:
@@ -415,6 +418,18 @@ def write_report(
                 f"{x['answer_accuracy']:.1%} | {x['valid_call_rate']:.1%} | {x['answered']:.1%} | "
                 f"{x['mean_calls']:.1f} |"
             )
+    faithful = {label: t["fol"] for label, t in m["models"].items() if "faithful" in t.get("fol", {})}
+    if faithful:
+        lines += [
+            "",
+            "Faithful FOL chains: verified, and every value passed on exactly as an earlier call returned it "
+            "(a verified chain may miscopy a list of truth values and still reach the right result): "
+            + "; ".join(
+                f"{label} {round(x['faithful']['accuracy'] * x['n'])} of its {x['correct']} verified"
+                for label, x in faithful.items()
+            )
+            + ".",
+        ]
     by_nmax = {
         label: tasks["fol"]["by_nmax"] for label, tasks in m["models"].items() if "by_nmax" in tasks.get("fol", {})
     }
@@ -428,9 +443,9 @@ def write_report(
             "|---|" + "---|" * (len(sizes) + 1),
         ]
         for label, cells in by_nmax.items():
-            fol = m["models"][label]["fol"]
+            whole = m["models"][label]["fol"]
             shown = [f"{cells[k]['accuracy']:.1%} (n={cells[k]['n']})" if k in cells else "-" for k in sizes]
-            lines.append(f"| {label} | " + " | ".join(shown) + f" | {fol['accuracy']:.1%} (n={fol['n']}) |")
+            lines.append(f"| {label} | " + " | ".join(shown) + f" | {whole['accuracy']:.1%} (n={whole['n']}) |")
     lines += ["", "## Paired comparison", ""]
     if m["paired"]:
         for task, p in m["paired"].items():

@@ -133,6 +133,23 @@ def test_fol_accuracy_by_nmax_as_the_paper_reports_it(tmp_path):
     assert "by_nmax" not in metrics(records, one_size)["paired"]["fol"]
 
 
+def test_faithful_chains_are_counted_apart_from_verified_ones(tmp_path):
+    from fclib.evaluate import write_report
+
+    def call(name, arguments, result):
+        return {"kind": "ok", "name": name, "arguments": arguments, "result": result}
+
+    looked_up = call("truth_values", {"predicate": "red"}, [True, False, False])
+    copied = [looked_up, call("exists", {"values": [True, False, False]}, True), call("answer", {"value": True}, True)]
+    miscopied = [looked_up, call("exists", {"values": [True, False]}, True), call("answer", {"value": True}, True)]
+    records = [rec("dpo", "p0", "correct", calls=copied), rec("dpo", "p1", "correct", calls=miscopied)]
+    records += [rec("dpo", "p2", "wrong_answer", calls=copied), rec("dpo", "g0", "correct", task="gsm8k")]
+    m = metrics(records)
+    assert m["models"]["dpo"]["fol"]["faithful"] == {"accuracy": 1 / 3, "n": 3, "ci95": list(wilson(1, 3))}
+    assert m["models"]["dpo"]["fol"]["correct"] == 2 and "faithful" not in m["models"]["dpo"]["gsm8k"]
+    assert "dpo 1 of its 2 verified." in write_report(tmp_path, m, {"run_name": "t"}).read_text()
+
+
 def test_pass_at_k_and_majority_vote():
     assert pass_at_k(4, 0, 4) == 0 and pass_at_k(4, 1, 4) == 1 and pass_at_k(5, 1, 2) == pytest.approx(0.4)
     records = [

@@ -82,6 +82,21 @@ def test_fol_guess_is_not_verified():
     assert fol.answer_check(p, p.answer) and not fol.check(p, p.answer, guess)
 
 
+def test_fol_reference_chains_are_faithful_and_a_miscopied_list_is_not():
+    problems = fol.generate(40, seed=5, nmax=10)
+    chains = replay_references(problems)
+    calls = [ch.calls for ch in chains]
+    assert all(fol.faithful(c) for c in calls)
+    # the chain of a quantified problem, with one truth value dropped when it is passed on
+    i = next(i for i, c in enumerate(calls) if c[-2]["name"] in ("exists", "for_all") and len(c) >= 3)
+    wrong = [dict(c) for c in calls[i]]
+    wrong[-2]["arguments"] = {"values": wrong[-2]["arguments"]["values"][:-1]}
+    assert not fol.faithful(wrong)
+    # an answer no call returned, and a call that failed (not ok) whose result is never used
+    assert not fol.faithful([*calls[i][:-1], {"kind": "ok", "name": "answer", "arguments": {"value": 1}, "result": 1}])
+    assert fol.faithful([{"kind": "bad_argument", "name": "exists", "arguments": {"values": [1]}}, *calls[i]])
+
+
 def test_fol_functions_refuse_bad_arguments():
     p = fol.generate(1, seed=0, nmax=4)[0]
     ts = fol.toolset(p)

@@ -330,6 +330,25 @@ def check(problem: Problem, answer: Any, calls: list[dict[str, Any]]) -> bool:
     return predicates_of(problem.meta["formula"]) <= looked_up
 
 
+def faithful(calls: list[dict[str, Any]]) -> bool:
+    """Every value the chain's logical calls and its answer take is one an earlier call returned, exactly.
+
+    `check` asks that the answer be the last logical call's result and that every predicate of the
+    formula was looked up; it does not follow the values between calls, so a chain that copies a
+    list of truth values wrongly (a value dropped or added, common in large worlds) can still pass
+    it. A faithful chain copied nothing wrongly."""
+    returned: list[Any] = []
+    for c in calls:
+        if c.get("kind") != "ok":
+            continue
+        if c.get("name") in (*LOGICAL, "answer"):
+            for v in c["arguments"].values():
+                if not any(type(v) is type(r) and v == r for r in returned):
+                    return False
+        returned.append(c.get("result"))
+    return True
+
+
 def reference_calls(problem: Problem) -> list[tuple[str, dict[str, Any]]]:
     """The calls that evaluate the problem's formula, then `answer`."""
     people, world = problem.meta["individuals"], problem.meta["world"]

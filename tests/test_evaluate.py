@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -148,6 +149,28 @@ def test_faithful_chains_are_counted_apart_from_verified_ones(tmp_path):
     assert m["models"]["dpo"]["fol"]["faithful"] == {"accuracy": 1 / 3, "n": 3, "ci95": list(wilson(1, 3))}
     assert m["models"]["dpo"]["fol"]["correct"] == 2 and "faithful" not in m["models"]["dpo"]["gsm8k"]
     assert "dpo 1 of its 2 verified." in write_report(tmp_path, m, {"run_name": "t"}).read_text()
+
+
+def test_the_faithful_script_counts_finished_runs(tmp_path, capsys):
+    import sys
+
+    from fclib.runs import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    from faithful import main
+
+    looked_up = {"kind": "ok", "name": "truth_values", "arguments": {"predicate": "red"}, "result": [True, False]}
+    answer = {"kind": "ok", "name": "answer", "arguments": {"value": True}, "result": True}
+    for run, values in (("s0", [True, False]), ("s1", [True])):  # s1 drops a value when it passes the list on
+        quantifier = {"kind": "ok", "name": "exists", "arguments": {"values": values}, "result": True}
+        records = [rec("dpo", "fol-test-n10-d1-00000", "correct", calls=[looked_up, quantifier, answer])]
+        records += [rec("dpo", "gsm8k-test-00001", "correct", task="gsm8k")]
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "s0 dpo n10: verified 1/1, faithful 1/1" in out and "s1 dpo n10: verified 1/1, faithful 0/1" in out
+    assert f"all of {tmp_path.name}, dpo all: verified 2/2, faithful 1/2" in out and "gsm8k" not in out
 
 
 def test_pass_at_k_and_majority_vote():

@@ -11,7 +11,7 @@ usage: ./study.sh [--profile NAME] [--run-name NAME] [--from NN] [--to NN] [-p K
 Runs the study's notebooks 01-05 with papermill into outputs/<run_name>/ and writes report.md there.
 The first call sets up .venv (pinned packages, the embedded model: a few minutes).
 
-  --profile NAME   profiles/NAME.yaml: cpu (default, ~18 min on 2 cores), workshop (~8 min),
+  --profile NAME   profiles/NAME.yaml: cpu (default, ~21 min on 2 cores), workshop (~10 min),
                    smoke (seconds, tiny random models), paper (GPU and a teacher endpoint)
   --run-name NAME  folder under outputs/ (default: the profile's run_name)
   --from NN        start at notebook NN, reusing the run's earlier results

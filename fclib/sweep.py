@@ -11,6 +11,8 @@ compares them all (`outputs/<sweep>/06_compare_runs.ipynb`, figures in `outputs/
   run, and runs only the rest: the chains of one seed are generated once for all variants that
   differ from notebook 03 on, and a variant that changes only the held-out problems (test_nmax,
   fol_test) reuses the chains and the adapter, running notebooks 01 and 05.
+  The untrained student's evaluation is copied too wherever the test problems and notebook 05's
+  parameters are the same: it does not depend on the chains, pairs or training.
   `--reuse FOLDER` adds the finished runs of another sweep as sources (say, the ablations of a
   seeds sweep: the default variant is copied whole, the others take its chains).
 - **Resumable.** Killed, the same command carries on: finished notebooks of each run are kept
@@ -63,6 +65,10 @@ PROBLEM_FILES = {"02": "problems/train.jsonl", "05": "problems/test.jsonl"}
 # (eval_models) the other did not; a label made with another model or agent is redone (fclib.chains: the
 # ledger's meta file holds each label's model and agent settings).
 EVAL_RESULTS = ["eval/results.jsonl", "eval/results.meta.json"]
+# The untrained student's results depend on the test problems and notebook 05's parameters alone, never on the
+# chains, pairs or training: a run may take them from another with the same test problems and these parameters equal.
+STUDENT_MODELS = ("base", "base+grammar")
+NOT_READ_BY_STUDENT = {"run_name", "eval_models", "dpo_model", "dpo_url"}  # notebook 05 parameters of DPO or none
 # What --record keeps of a run: its numbers (its report.md shows figures the record does not keep)
 RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json"]
 RECORDED += ["chains/summary.json", "pairs/stats.json"]  # the teacher's yield and the pairs it gave
@@ -326,6 +332,23 @@ class Sweep:
                 return folder
         return None
 
+    def student_results_source(self, run: Run, upto: int) -> Path | None:
+        """A finished run (of this sweep or --reuse) with the same test problems as `run` and the same notebook 05
+        parameters but for those of the DPO student: its untrained student's results are `run`'s too. None if
+        there is none. (Notebook 05 checks each model's settings against those its results were made with.)"""
+        last = sorted(self.declared)[-1]
+        test = self.folder / run.name / PROBLEM_FILES[last]
+        same = sorted(self.declared[last] - NOT_READ_BY_STUDENT)
+        for folder, params in self.candidates(upto):
+            if (
+                last in done_notebooks(folder, params)
+                and all((folder / rel).is_file() for rel in EVAL_RESULTS)
+                and all(params.get(k) == run.params.get(k) for k in same)
+                and (folder / PROBLEM_FILES[last]).read_bytes() == test.read_bytes()
+            ):
+                return folder
+        return None
+
     def save(self) -> None:
         (self.folder / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
         if self.record:
@@ -382,7 +405,7 @@ class Sweep:
                         continue
                     start = all_nn[len(done)]
                     stop = start if not done else None  # notebook 01 alone, then look again
-                    if start == all_nn[-1] and not (folder / EVAL_RESULTS[0]).exists():
+                    if done and not (folder / EVAL_RESULTS[0]).exists():  # 01 has written the test problems
                         self.start_from_results(run, i, entry, where)
                     log.info("%s: running notebooks %s-%s", where, start, stop or all_nn[-1])
                     pipeline.run(run.params, start=start, stop=stop)
@@ -403,16 +426,37 @@ class Sweep:
         return failed
 
     def start_from_results(self, run: Run, i: int, entry: dict[str, Any], where: str) -> None:
-        """Copy the evaluation results of a run that shares notebooks 01-04 and the test problems (results_source)."""
-        source = self.results_source(run, i)
+        """Before notebook 05 first runs: copy the evaluation results of a run that shares notebooks 01-04 and the
+        test problems (results_source), else those of the untrained student from a run that shares the test
+        problems and notebook 05's parameters (student_results_source). Notebook 05 evaluates what they lack."""
+        target = self.folder / run.name
+        source, models = self.results_source(run, i), None
         if source is None:
-            return
-        for rel in EVAL_RESULTS:
-            (self.folder / run.name / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / rel, self.folder / run.name / rel)
+            source = self.student_results_source(run, i)
+            models = [m for m in STUDENT_MODELS if m in run.params["eval_models"]]
+            if source is None or not models:
+                return
+        (target / "eval").mkdir(parents=True, exist_ok=True)
+        if models is None:
+            for rel in EVAL_RESULTS:
+                shutil.copy2(source / rel, target / rel)
+        else:
+            results, meta = (source / rel for rel in EVAL_RESULTS)
+            kept = [line for line in results.read_text().splitlines() if json.loads(line)["source"] in models]
+            (target / EVAL_RESULTS[0]).write_text("".join(line + "\n" for line in kept))
+            sources = json.loads(meta.read_text())["sources"]
+            (target / EVAL_RESULTS[1]).write_text(
+                json.dumps({"sources": {m: sources[m] for m in models if m in sources}}, indent=2)
+            )
         name = source.name if source.parent == self.folder else str(source)
-        entry.setdefault("reused", []).append({"from": name, "notebooks": [], "files": EVAL_RESULTS})
-        log.info("%s: notebook 05 starts from the results of %s (only models they lack are evaluated)", where, name)
+        reused = {"from": name, "notebooks": [], "files": EVAL_RESULTS}
+        entry.setdefault("reused", []).append(reused if models is None else {**reused, "models": models})
+        log.info(
+            "%s: notebook 05 starts from the results of %s (%s; it evaluates only the models they lack)",
+            where,
+            name,
+            "all models" if models is None else "the untrained student",
+        )
 
     def compare(self) -> Path:
         """Notebook 06 on this sweep's runs, executed into the sweep folder."""

@@ -65,6 +65,53 @@ def test_stage_keys_change_from_the_first_notebook_whose_inputs_change(tmp_path)
     assert list(sweep.stage_keys(base, declared, tmp_path / "none").values())[1:] == [None] * 4
 
 
+def test_the_untrained_student_is_evaluated_once_for_runs_with_the_same_test_problems(tmp_path, monkeypatch):
+    from fclib import pipeline
+
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
+    # a finished run of another sweep, with results of three models
+    params = pipeline.load_profile("smoke", {"run_name": "old-s0"})
+    old = tmp_path / "old" / "old-s0"
+    (old / "eval").mkdir(parents=True)
+    (old / "problems").mkdir()
+    (old / "params.yaml").write_text(yaml.safe_dump(params))
+    (old / "timings.json").write_text(json.dumps({nb.stem: 1.0 for nb in pipeline.notebooks()}))
+    (old / "problems" / "test.jsonl").write_text("the test problems\n")
+    labels = ("base", "dpo", "base+grammar")
+    (old / "eval" / "results.jsonl").write_text(
+        "".join(json.dumps({"source": m, "n": i}) + "\n" for i, m in enumerate(labels))
+    )
+    (old / "eval" / "results.meta.json").write_text(json.dumps({"sources": {m: {"model": m} for m in labels}}))
+
+    def planned(name, test="the test problems\n", **overrides):
+        s = sweep.Sweep(name, "smoke", [sweep.Run(f"{name}-s0", name, 0, overrides)], {}, reuse=[tmp_path / "old"])
+        (s.folder / f"{name}-s0" / "problems").mkdir(parents=True)
+        (s.folder / f"{name}-s0" / "problems" / "test.jsonl").write_text(test)
+        return s, s.runs[0]
+
+    # other training (beta), the grammar baseline asked for: base and base+grammar come from the old run
+    s, run = planned("beta", beta=0.3, eval_models=["base", "dpo", "base+grammar"])
+    assert s.student_results_source(run, 0) == old
+    entry = {}
+    s.start_from_results(run, 0, entry, "here")
+    results = s.folder / run.name / "eval" / "results.jsonl"
+    assert [json.loads(line)["source"] for line in results.read_text().splitlines()] == ["base", "base+grammar"]
+    meta = json.loads((s.folder / run.name / "eval" / "results.meta.json").read_text())
+    assert set(meta["sources"]) == {"base", "base+grammar"}
+    assert entry["reused"] == [
+        {"from": str(old), "notebooks": [], "files": sweep.EVAL_RESULTS, "models": ["base", "base+grammar"]}
+    ]
+    # not where the untrained student's evaluation would differ: its token budget, or the test problems
+    s, run = planned("tokens", eval_max_tokens_per_turn=7)
+    assert s.student_results_source(run, 0) is None
+    s, run = planned("test", test="other test problems\n", beta=0.3)
+    assert s.student_results_source(run, 0) is None
+    s, run = planned("dpo-only", beta=0.3, eval_models=["dpo"])  # no untrained student asked for: nothing copied
+    entry = {}
+    s.start_from_results(run, 0, entry, "here")
+    assert entry == {} and not (s.folder / run.name / "eval").exists()
+
+
 def _table(both, base_only, dpo_only, neither):
     return {"both": both, "base_only": base_only, "other_only": dpo_only, "neither": neither}
 
@@ -201,8 +248,17 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     assert state["axes"] == {"max_pairs_per_problem": [4, 2]}
     for leader, follower in ((0, 1), (2, 3)):
         a, b = (folder / names[i] for i in (leader, follower))
-        assert state["runs"][follower]["reused"] == [{"from": names[leader], "notebooks": ["01", "02"]}]
+        assert state["runs"][follower]["reused"] == [
+            {"from": names[leader], "notebooks": ["01", "02"]},
+            {"from": names[leader], "notebooks": [], "files": sweep.EVAL_RESULTS, "models": ["base"]},
+        ]
         assert "reused" not in state["runs"][leader]
+        # the untrained student is evaluated once a seed: the follower's base chains are the leader's, its DPO its own
+        ra, rb = (
+            [json.loads(line) for line in (x / "eval" / "results.jsonl").read_text().splitlines()] for x in (a, b)
+        )
+        assert [r for r in rb if r["source"] == "base"] == [r for r in ra if r["source"] == "base"]
+        assert {r["model"] for r in rb if r["source"] == "dpo"} != {r["model"] for r in ra if r["source"] == "dpo"}
         for rel in ("problems/train.jsonl", "chains/chains.jsonl", "chains/steps.jsonl"):
             assert (a / rel).read_bytes() == (b / rel).read_bytes()
         ta, tb = (json.loads((x / "timings.json").read_text()) for x in (a, b))

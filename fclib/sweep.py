@@ -180,6 +180,16 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def evaluated_on(folder: Path, test: Path) -> bool:
+    """Whether a run folder holds evaluation results (EVAL_RESULTS) on the same test problems as the file `test`."""
+    theirs = folder / PROBLEM_FILES["05"]
+    return (
+        all((folder / rel).is_file() for rel in EVAL_RESULTS)
+        and theirs.is_file()
+        and theirs.read_bytes() == test.read_bytes()
+    )
+
+
 def declared_parameters() -> dict[str, set[str]]:
     """{NN: the parameters notebook NN's parameters cell declares} for the study's notebooks."""
     import papermill as pm
@@ -324,10 +334,9 @@ class Sweep:
         for folder, params in self.candidates(upto):
             theirs, finished = stage_keys(params, self.declared, folder), done_notebooks(folder, params)
             if (
-                all((folder / rel).is_file() for rel in EVAL_RESULTS)
+                evaluated_on(folder, test)
                 and set(before) <= set(finished)
                 and all(theirs[nn] is not None and theirs[nn] == mine[nn] for nn in before)
-                and (folder / PROBLEM_FILES[last]).read_bytes() == test.read_bytes()
             ):
                 return folder
         return None
@@ -341,10 +350,9 @@ class Sweep:
         same = sorted(self.declared[last] - NOT_READ_BY_STUDENT)
         for folder, params in self.candidates(upto):
             if (
-                last in done_notebooks(folder, params)
-                and all((folder / rel).is_file() for rel in EVAL_RESULTS)
+                evaluated_on(folder, test)
+                and last in done_notebooks(folder, params)
                 and all(params.get(k) == run.params.get(k) for k in same)
-                and (folder / PROBLEM_FILES[last]).read_bytes() == test.read_bytes()
             ):
                 return folder
         return None

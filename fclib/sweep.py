@@ -17,7 +17,8 @@ compares them all (`outputs/<sweep>/06_compare_runs.ipynb`, figures in `outputs/
   seeds sweep: the default variant is copied whole, the others take its chains).
 - **Resumable.** Killed, the same command carries on: finished notebooks of each run are kept
   (their wall times are in the run's `timings.json`), a run stopped inside notebook 04 resumes
-  from its last checkpoint.
+  from its last checkpoint. `--only PATTERNS` runs just the runs whose names match (say
+  `paper-*,*-s1`) and leaves the others for a later call.
 - **Recorded.** `outputs/<sweep>/sweep.json` holds the grid, the commit, and each run's state,
   what it reused and its wall time, rewritten after every run; `--record DIR` also copies each
   run's results (parameters, timings, memory, metrics) into DIR, e.g. a tracked folder.
@@ -373,8 +374,10 @@ class Sweep:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
 
-    def run_all(self) -> list[str]:
+    def run_all(self, only: list[str] | None = None) -> list[str]:
         """Run every run not yet finished, in order; returns the names of those that failed.
+
+        `only`: run-name patterns (fnmatch, e.g. `*-s1`, `paper-*`); runs matching none are left for a later call.
 
         For each run: copy what another run has finished and shares with it; with nothing to copy,
         run notebook 01 alone first (seconds), since the problems it writes may let later notebooks
@@ -387,6 +390,9 @@ class Sweep:
         for i, run in enumerate(self.runs):
             entry, folder = self.state["runs"][i], self.folder / run.name
             where = f"[sweep {i + 1}/{len(self.runs)}] {run.name}"
+            if only and not any(fnmatch(run.name, pattern) for pattern in only):
+                log.info("%s: not in --only, left for later", where)
+                continue
             done = done_notebooks(folder, run.params)
             if done == all_nn:
                 log.info("%s: done before, kept", where)
@@ -522,6 +528,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FOLDER",
         help="another sweep's folder: its finished stages are copied where they equal a run's",
     )
+    ap.add_argument(
+        "--only",
+        metavar="PATTERNS",
+        help="run only the runs whose names match one of these comma-separated patterns (say 'paper-*,*-s1'); "
+        "the others are left as they are, for a later call without --only",
+    )
     ap.add_argument("--no-compare", action="store_true", help="do not run notebook 06 at the end")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -538,7 +550,10 @@ def main(argv: list[str] | None = None) -> None:
     sweep = Sweep(name, args.profile, grid(spec["seeds"], axes, variants), spec, args.record, args.reuse)
     log.info("sweep %s: %d runs into %s", sweep.name, len(sweep.runs), sweep.folder)
     t0 = time.perf_counter()
-    failed = sweep.run_all()
+    only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+    if only and not any(fnmatch(r.name, p) for r in sweep.runs for p in only):
+        raise SystemExit(f"--only {args.only}: no run of the sweep matches ({', '.join(r.name for r in sweep.runs)})")
+    failed = sweep.run_all(only)
     if not args.no_compare and len(sweep.runs) > len(failed):
         log.info("sweep %s: comparing the runs (notebook 06)", sweep.name)
         sweep.compare()

@@ -112,6 +112,42 @@ def test_the_untrained_student_is_evaluated_once_for_runs_with_the_same_test_pro
     assert entry == {} and not (s.folder / run.name / "eval").exists()
 
 
+def test_only_runs_the_matching_runs_and_leaves_the_others_for_later(tmp_path, monkeypatch):
+    from fclib import pipeline
+
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
+    ran = []
+
+    def fake_run(params, start=None, stop=None):  # writes what a finished notebook leaves: its time
+        folder = tmp_path / "out" / "grid" / params["run_name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
+        for nb in pipeline.notebooks():
+            if nb.name[:2] >= start and (stop is None or nb.name[:2] <= stop):
+                timings[nb.stem] = 1.0
+        (folder / "timings.json").write_text(json.dumps(timings))
+        ran.append((params["run_name"], start, stop))
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    runs_ = sweep.grid([0, 1], variants={"a": {"beta": 0.2}, "b": {"beta": 0.3}})
+    s = sweep.Sweep("grid", "smoke", runs_, {})
+    assert s.run_all(only=["*-s1", "nothing-*"]) == []
+    assert sorted({name for name, _, _ in ran}) == ["a-s1", "b-s1"]
+    assert [r["status"] for r in s.state["runs"]] == ["planned", "planned", "done", "done"]
+    # a later call without --only runs the rest and keeps what is done
+    ran.clear()
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))  # run_all points it at the sweep's folder
+    s = sweep.Sweep("grid", "smoke", sweep.grid([0, 1], variants={"a": {"beta": 0.2}, "b": {"beta": 0.3}}), {})
+    assert s.run_all() == []
+    assert sorted({name for name, _, _ in ran}) == ["a-s0", "b-s0"]
+    assert all(r["status"] == "done" for r in s.state["runs"])
+    # a pattern that matches no run is a mistake, said before anything runs
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="no run of the sweep matches"):
+        sweep.main(["--profile", "smoke", "--seeds", "0", "--name", "grid2", "--only", "paper-*"])
+
+
 def _table(both, base_only, dpo_only, neither):
     return {"both": both, "base_only": base_only, "other_only": dpo_only, "neither": neither}
 

@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep.compare()
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
     print(
-        f"sweep {sweep.name}: {len(sweep.runs) - len(failed)} of {len(sweep.runs)} runs done in {minutes} min "
+        f"sweep {sweep.name}: {sum(e['status'] == 'done' for e in sweep.state['runs'])} of {len(sweep.runs)} runs done "
+        f"in {minutes} min "
         f"{seconds} s; record: {sweep.folder / SWEEP_FILE}"
     )
     if failed:

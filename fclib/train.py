@@ -20,7 +20,8 @@ import logging
 import math
 import os
 import tempfile
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -185,7 +186,7 @@ def dpo_config(settings: TrainSettings, output_dir: Path, four_bit: bool, has_ev
         seed=settings.seed,
         data_seed=settings.seed,
         report_to=[],
-        gradient_checkpointing=four_bit,
+        activation_checkpointing=four_bit,
         disable_tqdm=False,
     )
 
@@ -246,6 +247,16 @@ def make_trainer(
     return trainer
 
 
+@contextmanager
+def without_trl_deprecation():
+    """TRL and PEFT read `model.is_gradient_checkpointing`, which the pinned transformers renamed: a FutureWarning
+    from their own code in every training and validation pass, about nothing fclib can change. Only that one is
+    silenced, only inside this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def last_checkpoint(run_folder: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -269,7 +280,10 @@ def train(
     checkpoint = last_checkpoint(run_folder) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    with completion_only_scoring() if settings.completion_only_scoring else nullcontext():
+    with (
+        without_trl_deprecation(),
+        completion_only_scoring() if settings.completion_only_scoring else nullcontext(),
+    ):
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
         with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -444,6 +458,7 @@ def trl_metrics(adapter_dir: str | Path, pairs: Any, settings: TrainSettings) ->
     reference, _ = load_model(settings.student)
     with (
         tempfile.TemporaryDirectory() as tmp,
+        without_trl_deprecation(),
         completion_only_scoring() if settings.completion_only_scoring else nullcontext(),  # as in training
     ):
         args = dpo_config(settings, Path(tmp), four_bit=False, has_eval=True)

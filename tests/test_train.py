@@ -143,6 +143,19 @@ def test_eval_steps_zero_turns_validation_off(tmp_path):
     assert dpo_config(TrainSettings(eval_steps=5), tmp_path, False, has_eval=False).eval_strategy == "no"
 
 
+def test_the_training_config_uses_no_deprecated_argument(tmp_path):
+    """Notebook 04's output carries no FutureWarning of fclib's own making (it once passed `gradient_checkpointing`)."""
+    import warnings
+
+    from fclib.train import dpo_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = dpo_config(TrainSettings(), tmp_path, False, has_eval=False)
+    # TRL still reads the old name, which mirrors the new one
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_4bit_on_cuda(pairs_dir, tmp_path):

@@ -20,8 +20,7 @@ import logging
 import math
 import os
 import tempfile
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -247,16 +246,6 @@ def make_trainer(
     return trainer
 
 
-@contextmanager
-def without_trl_deprecation():
-    """TRL and PEFT read `model.is_gradient_checkpointing`, which the pinned transformers renamed: a FutureWarning
-    from their own code in every training and validation pass, about nothing fclib can change. Only that one is
-    silenced, only inside this block."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def last_checkpoint(run_folder: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -280,10 +269,7 @@ def train(
     checkpoint = last_checkpoint(run_folder) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    with (
-        without_trl_deprecation(),
-        completion_only_scoring() if settings.completion_only_scoring else nullcontext(),
-    ):
+    with completion_only_scoring() if settings.completion_only_scoring else nullcontext():
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
         with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -458,7 +444,6 @@ def trl_metrics(adapter_dir: str | Path, pairs: Any, settings: TrainSettings) ->
     reference, _ = load_model(settings.student)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        without_trl_deprecation(),
         completion_only_scoring() if settings.completion_only_scoring else nullcontext(),  # as in training
     ):
         args = dpo_config(settings, Path(tmp), four_bit=False, has_eval=True)

@@ -256,6 +256,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def selected(name: str, patterns: list[str]) -> bool:
+    """Whether a run's name matches one of `--only`'s patterns (fnmatch: `*-s1`, `paper-*`)."""
+    return any(fnmatch(name, pattern) for pattern in patterns)
+
+
 class Sweep:
     """A planned sweep in `outputs/<name>/`: its runs, their state, and its record (sweep.json)."""
 
@@ -390,7 +395,7 @@ class Sweep:
         for i, run in enumerate(self.runs):
             entry, folder = self.state["runs"][i], self.folder / run.name
             where = f"[sweep {i + 1}/{len(self.runs)}] {run.name}"
-            if only and not any(fnmatch(run.name, pattern) for pattern in only):
+            if only and not selected(run.name, only):
                 log.info("%s: not in --only, left for later", where)
                 continue
             done = done_notebooks(folder, run.params)
@@ -551,17 +556,17 @@ def main(argv: list[str] | None = None) -> None:
     log.info("sweep %s: %d runs into %s", sweep.name, len(sweep.runs), sweep.folder)
     t0 = time.perf_counter()
     only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-    if only and not any(fnmatch(r.name, p) for r in sweep.runs for p in only):
+    if only and not any(selected(r.name, only) for r in sweep.runs):
         raise SystemExit(f"--only {args.only}: no run of the sweep matches ({', '.join(r.name for r in sweep.runs)})")
     failed = sweep.run_all(only)
     if not args.no_compare and len(sweep.runs) > len(failed):
         log.info("sweep %s: comparing the runs (notebook 06)", sweep.name)
         sweep.compare()
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    done = sum(entry["status"] == "done" for entry in sweep.state["runs"])  # runs left out by --only are not
     print(
-        f"sweep {sweep.name}: {sum(e['status'] == 'done' for e in sweep.state['runs'])} of {len(sweep.runs)} runs done "
-        f"in {minutes} min "
-        f"{seconds} s; record: {sweep.folder / SWEEP_FILE}"
+        f"sweep {sweep.name}: {done} of {len(sweep.runs)} runs done in {minutes} min {seconds} s; "
+        f"record: {sweep.folder / SWEEP_FILE}"
     )
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (each run's error is in {sweep.folder / SWEEP_FILE})")

@@ -56,7 +56,8 @@ def parse_call(text: str, known: set[str] | frozenset[str] | None = None) -> Par
     """
     if not isinstance(text, str):
         raise CallSyntaxError("the reply is not text")
-    scan = _strip_fences(text[:MAX_SCAN_CHARS])
+    written = text[:MAX_SCAN_CHARS]
+    scan = _strip_fences(written)
     if not scan.strip():
         raise CallSyntaxError("the reply is empty; write one function call")
     found: list[ParsedCall] = []
@@ -71,6 +72,8 @@ def parse_call(text: str, known: set[str] | frozenset[str] | None = None) -> Par
             continue
         try:
             call = _parse_candidate(scan, start, open_paren, end)
+            if call is not None:
+                call.text = written[start : end + 1]  # as the model wrote it, fences and all
         except CallSyntaxError as e:
             errors.append((name, e))
             covered = end
@@ -120,7 +123,10 @@ def from_tool_call(tool_call: Any) -> ParsedCall:
 
 
 def _strip_fences(text: str) -> str:
-    return re.sub(r"```[A-Za-z0-9_+-]*", "\n", text).replace("`", " ")
+    """`text` with code fences and backticks blanked out, character for character, so that a position in the
+    result is the same position in the reply (a call's text is then cut from the reply as written)."""
+    blanked = re.sub(r"```[A-Za-z0-9_+-]*", lambda m: "\n" + " " * (len(m.group()) - 1), text)
+    return blanked.replace("`", " ")
 
 
 def _parse_candidate(text: str, start: int, open_paren: int, end: int) -> ParsedCall | None:

@@ -36,7 +36,16 @@ from typing import Any
 from fclib.agent import AgentConfig, Chain, Task, run_chains
 from fclib.backends import ChatBackend
 from fclib.problems import Problem
-from fclib.runs import BadLine, check_fields, check_messages, fault_of, jsonl_line, progress_bar, read_record
+from fclib.runs import (
+    BadLine,
+    check_fields,
+    check_messages,
+    fault_of,
+    jsonl_line,
+    jsonl_lines,
+    progress_bar,
+    read_record,
+)
 from fclib.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -109,7 +118,7 @@ def _read(path: str | Path, skip_damaged: bool = False) -> tuple[list[dict[str, 
         return [], 0, None, []
     records: dict[Key, dict[str, Any]] = {}
     readable, damaged = 0, []
-    lines = path.read_bytes().split(b"\n")
+    lines = jsonl_lines(path.read_bytes())
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -162,7 +171,7 @@ def set_aside_counts(run_folder: str | Path) -> dict[str, int]:
     """{side file name: lines} of every ledger side file of a run (cut or damaged lines kept for inspection)."""
     run_folder = Path(run_folder)
     return {
-        str(f.relative_to(run_folder)): len(f.read_bytes().splitlines())
+        str(f.relative_to(run_folder)): sum(bool(line.strip()) for line in jsonl_lines(f.read_bytes()))
         for suffix in SIDE_FILES
         for f in sorted(run_folder.rglob(f"*.jsonl{suffix}"))
     }

@@ -414,14 +414,14 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     go_offline_unless_needed(params)
     run_folder = runs.run_folder(params["run_name"])
     (run_folder / "notebooks").mkdir(exist_ok=True)
-    (run_folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (run_folder / "env.json").write_text(json.dumps(environment(), indent=2))
+    runs.write_yaml(run_folder / "params.yaml", params)
+    runs.write_json(run_folder / "env.json", environment())
     os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
     os.environ[TEXT_PROGRESS_ENV] = "1"  # progress bars as text, so they reach the terminal
     os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
-    timings = _read_json(run_folder / "timings.json")
-    memory = _read_json(run_folder / "memory.json")
-    gpu_memory = _read_json(run_folder / "gpu_memory.json")
+    timings = runs.read_record_file(run_folder / "timings.json")
+    memory = runs.read_record_file(run_folder / "memory.json")
+    gpu_memory = runs.read_record_file(run_folder / "gpu_memory.json")
     todo = notebooks(start, stop)
     for i, nb in enumerate(todo, 1):
         declared = pm.inspect_notebook(str(nb))
@@ -446,19 +446,15 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
                 f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nthe executed notebook is at {target}"
             ) from None
         timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
-        (run_folder / "timings.json").write_text(json.dumps(timings, indent=2))
-        (run_folder / "memory.json").write_text(json.dumps(memory, indent=2))
+        runs.write_json(run_folder / "timings.json", timings)
+        runs.write_json(run_folder / "memory.json", memory)
         if peak.peak_gpu_gib is not None:
             gpu_memory[nb.stem] = peak.peak_gpu_gib
-            (run_folder / "gpu_memory.json").write_text(json.dumps(gpu_memory, indent=2))
+            runs.write_json(run_folder / "gpu_memory.json", gpu_memory)
         log.info(
             "[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib
         )
     return run_folder
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     run_folder = run(params, args.start, args.stop)
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
-    peak = max(_read_json(run_folder / "memory.json").values(), default=0)
+    peak = max(runs.read_record_file(run_folder / "memory.json").values(), default=0)
     print(
         f"done in {minutes} min {seconds} s (peak memory {peak:.2f} GiB): "
         f"the results of run {params['run_name']!r} are in {run_folder}"

@@ -201,16 +201,20 @@ def declared_parameters() -> dict[str, set[str]]:
 def saved_parameters(folder: Path) -> dict[str, Any]:
     """A run folder's parameters, with each parameter added to the notebooks since at its default: a new
     parameter's default keeps what the notebooks did before it existed, so that is what the run ran with."""
-    return {**pipeline.notebook_parameters(), **yaml.safe_load((folder / "params.yaml").read_text())}
+    return {**pipeline.notebook_parameters(), **(runs.read_mapping(folder / "params.yaml") or {})}
 
 
 def done_notebooks(folder: Path, params: dict[str, Any]) -> list[str]:
     """The notebooks (NN) a run folder has finished with these parameters, in order, stopping at the first not done."""
     if not (folder / "params.yaml").is_file():
         return []
-    if saved_parameters(folder) != params:
+    try:
+        saved = saved_parameters(folder)
+    except runs.UnreadableFile as e:
+        raise SystemExit(f"{e}: what that run ran with is unknown; remove {folder} (or repair the file)") from None
+    if saved != params:
         raise SystemExit(f"{folder} holds a run with other parameters; remove it, or give the sweep another --name")
-    timings = _read_json(folder / "timings.json")
+    timings = runs.read_record_file(folder / "timings.json")
     done = []
     for nb in pipeline.notebooks():
         if nb.stem not in timings:
@@ -235,10 +239,10 @@ def copy_stages(source: Path, target: Path, stages: list[str]) -> None:
             (target / "notebooks").mkdir(exist_ok=True)
             shutil.copy2(nb, target / "notebooks" / nb.name)
     for name in ("timings.json", "memory.json", "gpu_memory.json"):
-        old = _read_json(source / name)
+        old = runs.read_record_file(source / name)
         kept = {k: v for k, v in old.items() if k[:2] in stages}
         if kept:
-            (target / name).write_text(json.dumps({**_read_json(target / name), **kept}, indent=2))
+            runs.write_json(target / name, {**runs.read_record_file(target / name), **kept})
 
 
 def unclaimed(folder: Path) -> list[str]:
@@ -250,10 +254,6 @@ def unclaimed(folder: Path) -> list[str]:
         if path.is_file() and not any(fnmatch(str(rel), p) or str(rel).startswith(p + "/") for p in claimed):
             found.append(str(rel))
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def selected(name: str, patterns: list[str]) -> bool:
@@ -281,8 +281,11 @@ class Sweep:
         self.elsewhere = []  # (folder, parameters) of finished runs of other sweeps (--reuse), also sources
         for where in reuse:
             for params_file in sorted(Path(where).glob("*/params.yaml")):
-                self.elsewhere.append((params_file.parent, saved_parameters(params_file.parent)))
-        self.state = _read_json(self.folder / SWEEP_FILE)
+                try:
+                    self.elsewhere.append((params_file.parent, saved_parameters(params_file.parent)))
+                except runs.UnreadableFile as e:
+                    log.warning("--reuse: %s; that run is not a source", e)
+        self.state = runs.read_record_file(self.folder / SWEEP_FILE)
         planned = [r.name for r in self.runs]
         if self.state and [r["name"] for r in self.state.get("runs", [])] != planned:
             raise SystemExit(
@@ -364,10 +367,9 @@ class Sweep:
         return None
 
     def save(self) -> None:
-        (self.folder / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
+        runs.write_json(self.folder / SWEEP_FILE, self.state)
         if self.record:
-            self.record.mkdir(parents=True, exist_ok=True)
-            (self.record / SWEEP_FILE).write_text(json.dumps(self.state, indent=2, default=str))
+            runs.write_json(self.record / SWEEP_FILE, self.state)
 
     def record_run(self, run: Run) -> None:
         if not self.record:
@@ -412,7 +414,7 @@ class Sweep:
                     source, shared = self.source_for(run, i, done)
                     if shared:
                         copy_stages(source, folder, shared)
-                        (folder / "params.yaml").write_text(yaml.safe_dump(run.params, sort_keys=False))
+                        runs.write_yaml(folder / "params.yaml", run.params)
                         name = source.name if source.parent == self.folder else str(source)
                         reused = entry.setdefault("reused", [])
                         if reused and reused[-1]["from"] == name:
@@ -437,7 +439,7 @@ class Sweep:
                 failed.append(run.name)
                 log.error("%s failed: %s", where, e)
             entry["wall_s"] = round(entry.get("wall_s", 0) + time.perf_counter() - t0, 1)
-            entry["timings"] = _read_json(folder / "timings.json")
+            entry["timings"] = runs.read_record_file(folder / "timings.json")
             self.record_run(run)
             self.save()
         self.state["wall_s"] = round(self.state.get("wall_s", 0) + time.perf_counter() - t_sweep, 1)
@@ -461,12 +463,10 @@ class Sweep:
                 shutil.copy2(source / rel, target / rel)
         else:
             results, meta = (source / rel for rel in EVAL_RESULTS)
-            kept = [line for line in results.read_text().splitlines() if json.loads(line)["source"] in models]
-            (target / EVAL_RESULTS[0]).write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in runs.read_jsonl(results) if r["source"] in models]
+            runs.write_atomic(target / EVAL_RESULTS[0], "".join(runs.jsonl_line(r) for r in kept))
             sources = json.loads(meta.read_text())["sources"]
-            (target / EVAL_RESULTS[1]).write_text(
-                json.dumps({"sources": {m: sources[m] for m in models if m in sources}}, indent=2)
-            )
+            runs.write_json(target / EVAL_RESULTS[1], {"sources": {m: sources[m] for m in models if m in sources}})
         name = source.name if source.parent == self.folder else str(source)
         reused = {"from": name, "notebooks": [], "files": EVAL_RESULTS}
         entry.setdefault("reused", []).append(reused if models is None else {**reused, "models": models})

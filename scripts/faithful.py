@@ -9,11 +9,11 @@ per folder.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from fclib.runs import read_jsonl
 from fclib.tasks.fol import faithful
 
 
@@ -27,8 +27,7 @@ def runs_in(folder: Path) -> list[Path]:
 def counts(run: Path) -> dict[tuple[str, str], list[int]]:
     """{(model, world size or 'all'): [verified, faithful, chains]} of a run's FOL chains (sample 0)."""
     rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for line in (run / "eval" / "results.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(run / "eval" / "results.jsonl"):
         if r["task"] != "fol" or r["sample"]:
             continue
         size = r["problem_id"].split("-")[2]  # fol-test-n10-d1-00003

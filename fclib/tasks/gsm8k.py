@@ -21,6 +21,7 @@ from typing import Any
 from fclib.agent import Task, demo_messages
 from fclib.problems import Problem
 from fclib.protocol import ParsedCall
+from fclib.runs import jsonl_lines
 from fclib.tools import Example, Function, Param, ToolError, Toolset
 
 NAME = "gsm8k"
@@ -244,11 +245,11 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
             f"{path}: checksum mismatch (SHA256SUMS lists {expected[:12]}... for {plain_name}); "
             "the file is damaged or was changed: restore it from git"
         )
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(data), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
             if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
                 raise ValueError("needs string fields 'question' and 'answer'")
         except (ValueError, AttributeError) as e:

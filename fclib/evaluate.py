@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from fclib.agent import OUTCOMES, outcome_counts
-from fclib.backends.endpoint import OpenAIBackend
+from fclib.backends.endpoint import OpenAIBackend, url_fault
 from fclib.chains import set_aside_counts
 from fclib.problems import Problem
 from fclib.settings import Settings
@@ -68,9 +68,7 @@ class EvalSettings(Settings):
             wrong.append("eval_samples >= 1, eval_limit >= 0 and eval_temperature >= 0")
         if self.eval_max_tokens_per_turn < 0 or self.eval_max_chain_tokens < 0:
             wrong.append("eval_max_tokens_per_turn and eval_max_chain_tokens must be >= 0 (0: the agent's own)")
-        for key in ("student_url", "dpo_url"):
-            if getattr(self, key) and not getattr(self, key).startswith(("http://", "https://")):
-                wrong.append(f"{key} must start with http:// or https://")
+        wrong += [fault for key in ("student_url", "dpo_url") if (fault := url_fault(getattr(self, key), key))]
         for key, label in (("student_url", "base+grammar"), ("dpo_url", "dpo+grammar")):
             if getattr(self, key) and label in self.eval_models:
                 wrong.append(f"{label} decodes under a grammar in this process; it cannot with {key} set")

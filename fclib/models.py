@@ -98,6 +98,23 @@ def hub_id(name: str | os.PathLike) -> str | None:
     return text
 
 
+def model_fault(name: str) -> str | None:
+    """Why `name` cannot name a model here (None when it can): 'embedded', 'tiny', a local folder or a hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(name)
+    if text in EMBEDDED_ALIASES or text == TINY or Path(text).expanduser().is_dir():
+        return None
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return f"{text[:80]!r} is not a folder"
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return f"{text[:80]!r} is neither 'embedded', 'tiny', a local folder nor a hub id such as org/name"
+    return None
+
+
 def in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
     """Whether the local hub cache holds a model (its config.json) or a dataset (its README), so it loads offline."""
     filename = "config.json" if repo_type == "model" else "README.md"

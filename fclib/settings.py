@@ -15,6 +15,7 @@ profile before anything runs: each value is checked by the stage that uses it, a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -35,9 +36,19 @@ class Settings:
     PARAMETER_NAMES: ClassVar[dict[str, str]] = {}  # field -> run parameter, where the names differ
 
     def __post_init__(self) -> None:
-        faults = self.faults()
+        faults = self.number_faults() or self.faults()  # the checks of `faults` cannot tell NaN from a number
         if faults:
             raise SettingsError(type(self).__name__, faults)
+
+    def number_faults(self) -> list[str]:
+        """Every number a number, and finite: NaN and infinity (YAML's .nan, .inf) pass any comparison unnoticed."""
+        wrong = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                wrong.append(f"{self.parameter(f.name)} must be a finite number, not {value!r}")
+        return wrong
 
     def faults(self) -> list[str]:
         """What is wrong with these values (empty when nothing is)."""

@@ -26,7 +26,9 @@ from typing import Any
 
 from fclib.agent import OUTCOMES, AgentConfig, check_constrained
 from fclib.backends import ChatBackend, GenerationSettings, Reply, open_teacher
+from fclib.backends.endpoint import url_fault
 from fclib.chains import claim, fingerprint, key_of, resume, same_value
+from fclib.models import model_fault
 from fclib.problems import Problem
 from fclib.protocol import CallSyntaxError, parse_call
 from fclib.runs import jsonl_line, progress_bar
@@ -42,13 +44,22 @@ KEY_REFUSED = (
     "teacher_api_key_env takes the NAME of an environment variable that holds the key "
     "(e.g. OPENAI_API_KEY), never the key itself: the value given is refused and not shown"
 )
-API_KEY_PREFIXES = ("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_")  # what pasted keys start with
+API_KEY_PREFIXES = (  # what pasted keys start with (OpenAI, Stripe-style, Hugging Face, Groq, xAI, Google, GitHub, AWS)
+    *("sk-", "sk_", "hf_", "pk_", "rk_", "gsk_", "xai-", "api_", "aiza", "ghp_", "gho_", "github_pat_", "akia"),
+)
 
 
 def is_variable_name(value: Any) -> bool:
-    """An environment variable's name, and not something that looks like a pasted API key."""
+    """An environment variable's name, and not something that looks like a pasted API key.
+
+    A name is letters, digits and `_`, made of words (`OPENAI_API_KEY`): no known key prefix, no word longer
+    than 20 characters, no word of 8 or more characters holding 3 digits or more (32 hex characters, a
+    Google or AWS key without its prefix look like that; variable names do not).
+    """
     text = str(value)
-    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", text)) and not text.lower().startswith(API_KEY_PREFIXES)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", text) or text.lower().startswith(API_KEY_PREFIXES):
+        return False
+    return all(len(w) <= 20 and not (len(w) >= 8 and sum(c.isdigit() for c in w) >= 3) for w in text.split("_"))
 
 
 @dataclass
@@ -93,8 +104,9 @@ class TeacherSettings(Settings):
             wrong.append("step_samples > 0 samples along the reference chains: set reference_chains=true")
         if self.teacher_backend not in TEACHER_BACKENDS:
             wrong.append(f"teacher_backend must be inprocess or server, not {self.teacher_backend!r}")
-        if self.teacher_url and not self.teacher_url.startswith(("http://", "https://")):
-            wrong.append("teacher_url must start with http:// or https://")
+        fault = url_fault(self.teacher_url, "teacher_url") or (None if self.teacher_url else model_fault(self.teacher))
+        if fault:
+            wrong.append(fault if self.teacher_url else f"teacher: {fault}")
         if self.teacher_grammar and (
             self.teacher_url or self.teacher_backend != "inprocess" or self.protocol != "text"
         ):

@@ -30,7 +30,7 @@ import yaml
 from fclib import runs
 from fclib.fast.completion_scoring import completion_only_scoring
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
-from fclib.models import load_model, load_tokenizer, resolve_model
+from fclib.models import load_model, load_tokenizer, model_fault, resolve_model
 from fclib.pairs import load_pairs, tools_of
 from fclib.runs import TEXT_PROGRESS_ENV
 from fclib.settings import Settings
@@ -83,6 +83,13 @@ class TrainSettings(Settings):
             wrong.append("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
         if self.beta <= 0 or self.learning_rate <= 0:
             wrong.append("beta and learning_rate must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            wrong.append(f"lora_dropout is a probability in [0, 1), not {self.lora_dropout!r}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            wrong.append("train_epochs must be > 0 unless train_max_steps > 0")
+        fault = model_fault(self.student)
+        if fault:
+            wrong.append(f"student: {fault}")
         if self.eval_steps < 0 or self.save_steps < 1:
             wrong.append("eval_steps must be >= 0 (0: no validation during training) and save_steps >= 1")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):

@@ -3,8 +3,12 @@
 It answers `/v1/chat/completions` from a `ScriptedBackend` (deterministic replies), and
 `fault(n, body)` decides for request number n what goes wrong instead: "500", "429",
 "hang" (no answer until after the client's timeout), "close" (drop the connection),
-"malformed" (invalid JSON), "empty" (no choices), a dict {"status": 429, "headers": {...}}
-(that answer, e.g. with a `Retry-After`), or None for a normal answer. `times` holds when each
+"malformed" (invalid JSON), "empty" (no choices), "deep" (JSON nested far deeper than a parser's
+recursion limit), "trickle" (a normal answer sent a byte every `hang_s / 10` seconds), "surrogate"
+(the reply's text with a lone surrogate, the JSON escape \\udcff, after it), ("huge", n) (n characters
+of text), a dict {"status": 429, "headers": {...}} (that answer, e.g. with a `Retry-After`), or None
+for a normal answer. With `echo_key`, every request is refused with HTTP 401 whose message repeats
+the key it was sent, as some proxies do. `times` holds when each
 request arrived, `bodies` what each sent. `refuse` names request parameters the server does not
 take, answered as OpenAI's reasoning models answer `max_tokens`: HTTP 400 with
 `param` and code `unsupported_parameter`. A request with `tools` is answered as the API answers
@@ -35,8 +39,10 @@ class FakeOpenAI:
         hang_s: float = 3.0,
         delay_s: float = 0.0,
         refuse: tuple[str, ...] = (),
+        echo_key: bool = False,
     ):
         self.backend, self.fault, self.model = backend, fault or (lambda n, body: None), model
+        self.echo_key = echo_key
         self.hang_s, self.delay_s, self.refuse = hang_s, delay_s, refuse
         self.requests = 0
         self.times: list[float] = []
@@ -57,7 +63,16 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def _echo_key(self) -> bool:
+                if server.echo_key:
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    message = f"Incorrect API key provided: {key}. You can find your API key at the dashboard."
+                    self._send(401, json.dumps({"error": {"message": message, "code": "invalid_api_key"}}).encode())
+                return server.echo_key
+
             def do_GET(self):
+                if self._echo_key():
+                    return None
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(
                         200, json.dumps({"object": "list", "data": [{"id": server.model, "object": "model"}]}).encode()
@@ -67,6 +82,8 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self._echo_key():
+                    return None
                 with server.lock:
                     server.requests += 1
                     server.times.append(time.monotonic())
@@ -101,10 +118,16 @@ class FakeOpenAI:
                     return None
                 if fault == "malformed":
                     return self._send(200, b'{"id": "x", "choices": [{"message": {"content": "ans')
+                if fault == "deep":
+                    return self._send(200, b'{"id": "x", "choices": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
                 if server.delay_s:
                     time.sleep(server.delay_s)
                 settings = GenerationSettings(max_tokens=body.get("max_tokens", body.get("max_completion_tokens", 64)))
                 text = server.backend.chat([body["messages"]], settings)[0].text
+                if fault == "surrogate":
+                    text += " \udcff"
+                if isinstance(fault, tuple) and fault[0] == "huge":
+                    text = "x" * fault[1]
                 message = {"role": "assistant", "content": text}
                 if body.get("tools"):  # as the API answers when given tools: the call as tool_calls, no text
                     call = parse_call(text, {t["function"]["name"] for t in body["tools"]})
@@ -124,7 +147,22 @@ class FakeOpenAI:
                     "choices": choices,
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
                 }
+                if fault == "trickle":
+                    return self._trickle(json.dumps(payload).encode())
                 self._send(200, json.dumps(payload).encode())
+
+            def _trickle(self, payload: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    for i in range(len(payload)):
+                        self.wfile.write(payload[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.hang_s / 10)
+                except OSError:  # the client gave up
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -479,3 +479,75 @@ def test_a_damaged_line_inside_a_ledger_is_never_dropped_silently(tmp_path):
             read_chains(path)
         with pytest.raises(ValueError, match=r"chains.jsonl, line 2"):
             generate(scripted, problems, path, k=2, config=CONFIG, progress=False)
+
+
+def test_an_endpoint_that_echoes_the_key_never_gets_it_written(problems, tmp_path, monkeypatch, caplog):
+    """Some proxies repeat the key they were sent in their 401: not in an error raised, logged or stored."""
+    key = "sk-proj-" + "Zq7" * 16
+    monkeypatch.setenv("FCLIB_TEST_KEY", key)
+    path = tmp_path / "chains.jsonl"
+    with teacher(problems, echo_key=True) as server, caplog.at_level("DEBUG"):
+        b = backend(server, api_key_env="FCLIB_TEST_KEY")
+        with pytest.raises(EndpointError, match="refused the API key") as refused:
+            b.check()
+        records = generate(b, problems, path, k=2, config=CONFIG, progress=False)  # the 401 mid-run
+    assert key not in str(refused.value) and "[$FCLIB_TEST_KEY redacted]" in str(refused.value)
+    assert all(r["outcome"] == "error" and "HTTP 401" in r["reason"] for r in records)
+    assert all("redacted" in r["reason"] for r in records)
+    assert key not in path.read_text() and key not in caplog.text
+
+
+def test_a_trickling_answer_ends_at_the_request_deadline(problems):
+    """A server that sends a byte at a time never trips the per-read timeout; the whole request has a deadline."""
+    with teacher(problems, fault=lambda n, body: "trickle" if n == 1 else None, hang_s=3.0) as server:
+        t0 = time.monotonic()
+        reply = backend(server, timeout=1.0).chat(
+            [[{"role": "user", "content": problems[0].question}]], GenerationSettings()
+        )[0]
+        took = time.monotonic() - t0
+    # the first attempt would take about 100 s (300-odd bytes, 0.3 s each); it is cut at 1 s and retried
+    assert reply.error is None and reply.retries == 1 and took < 5, (took, reply)
+
+
+def test_one_answer_nested_too_deep_fails_its_request_only(problems, tmp_path):
+    doomed = problems[0].question
+
+    def fault(n, body):
+        return "deep" if any(m["content"] == doomed for m in body["messages"]) else None
+
+    with teacher(problems, fault=fault) as server:
+        records = generate(backend(server, concurrency=8), problems, tmp_path / "c.jsonl", k=2, config=CONFIG)
+    failed = {r["problem_id"] for r in records if r["outcome"] == "error"}
+    assert failed == {problems[0].id}, failed  # not every chain of its batch
+    assert all(r["outcome"] == "correct" for r in records if r["problem_id"] != problems[0].id)
+    assert all("RecursionError" in r["reason"] for r in records if r["outcome"] == "error")
+
+
+def test_a_lone_surrogate_is_kept_in_the_ledger_and_sent_back_encodable(problems, tmp_path):
+    path = tmp_path / "c.jsonl"
+    with teacher(problems, fault=lambda n, body: "surrogate") as server:
+        records = generate(backend(server), problems, path, k=1, config=CONFIG, progress=False)
+        sent = [m["content"] for body in server.bodies for m in body["messages"] if m["role"] == "assistant"]
+    assert all(r["outcome"] == "correct" for r in records), [r["reason"] for r in records]
+    replies = [m["content"] for r in records for m in r["messages"][r["n_prompt"] :] if m["role"] == "assistant"]
+    assert replies and all(text.endswith(" \udcff") for text in replies)  # the ledger keeps the exact text
+    assert not any("\udcff" in text for text in sent)  # the endpoint gets text it can read
+    sent_back = {text.replace("\ufffd", "\udcff") for text in sent if text.endswith(" \ufffd")}
+    assert sent_back == {
+        m["content"] for r in records for m in r["messages"][r["n_prompt"] : -1] if m["role"] == "assistant"
+    }
+    assert strip(read_chains(path)[0]) == strip(records)  # and reads it back as it was
+
+
+def test_an_endpoint_reply_is_capped(problems):
+    """A reply far past its token budget is cut before it is stored and sent back; an answer of megabytes is
+    refused while it is read, and asked again."""
+    from fclib.backends.endpoint import MAX_RESPONSE_BYTES, REPLY_CHARS_PER_TOKEN
+
+    messages = [[{"role": "user", "content": problems[0].question}]]
+    with teacher(problems, fault=lambda n, body: ("huge", 100_000)) as server:
+        reply = backend(server).chat(messages, GenerationSettings(max_tokens=40))[0]
+    assert len(reply.text) == max(1000, 40 * REPLY_CHARS_PER_TOKEN) and reply.finish_reason == "length"
+    with teacher(problems, fault=lambda n, body: ("huge", MAX_RESPONSE_BYTES + 1) if n == 1 else None) as server:
+        reply = backend(server).chat(messages, GenerationSettings(max_tokens=40))[0]
+    assert reply.error is None and reply.retries == 1 and reply.text == reference_script(problems[0])[0]

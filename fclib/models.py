@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +102,6 @@ def hub_id(name: str | os.PathLike) -> str | None:
 
 def model_fault(name: str) -> str | None:
     """Why `name` cannot name a model here (None when it can): 'embedded', 'tiny', a local folder or a hub id."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     text = str(name)
     if text in EMBEDDED_ALIASES or text == TINY or Path(text).expanduser().is_dir():
         return None

@@ -10,9 +10,6 @@ notebook (`timings.json`, `memory.json`, and `gpu_memory.json` where nvidia-smi 
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
-import json
 import logging
 import os
 import platform
@@ -29,200 +26,26 @@ import psutil
 import yaml
 
 from fclib import runs
-from fclib.agent import AgentConfig
-from fclib.evaluate import EvalSettings
 from fclib.models import hub_fault, hub_id, in_hub_cache
-from fclib.pairs import PairSettings
+from fclib.profiles import (  # noqa: F401 (names of the pipeline's command line, and of earlier versions)
+    NOTEBOOK_PROFILE_ENV,
+    NOTEBOOKS,
+    PIPELINE_PARAMETERS,
+    PROFILES,
+    RECIPES,
+    STAGE_SETTINGS,
+    changed_under,
+    load_profile,
+    notebook_parameters,
+    notebook_profile,
+    notebooks,
+    validate,
+)
 from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV
-from fclib.settings import SettingsError
-from fclib.tasks import ProblemSettings, gsm8k
-from fclib.teacher import KEY_REFUSED, TeacherSettings, is_variable_name
-from fclib.train import TrainSettings
+from fclib.tasks import gsm8k
 
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-PROFILES = PROJECT_ROOT / "profiles"
 KERNEL = "fclib"  # the Jupyter kernel scripts/setup.sh installs (.venv's Python)
-NOTEBOOK_PROFILE_ENV = "FCLIB_NOTEBOOK_PROFILE"
-LAST_STAGE = "05"  # the study's notebooks are 01-05; 06 compares finished runs (fclib.sweep runs it)
-NEWLINE = b"\n"
 log = logging.getLogger(__name__)
-
-RECIPES = {  # what each recipe sets; `-p recipe=NAME` applies these values, then any other -p
-    # fclib's: pairs at the first divergent call plus step pairs, reference chains as chosen, an SFT term
-    "fclib": {
-        "pair_strategy": "first_divergence",
-        "use_reference": True,
-        "step_samples": 1,
-        "pair_kinds": ["chains", "steps"],
-        "loss_type": ["sigmoid", "sft"],
-        "loss_weights": [1.0, 1.0],
-    },
-    # arXiv 2410.18890 as it describes its method: whole correct vs incorrect teacher chains, teacher chains
-    # only, plain sigmoid DPO, FOL worlds of nmax 10 and 20. A run that says `recipe: paper` holds all of these.
-    "paper": {
-        "pair_strategy": "all",
-        "use_reference": False,
-        "step_samples": 0,
-        "pair_kinds": ["chains"],
-        "loss_type": ["sigmoid"],
-        "loss_weights": [1.0],
-        "nmax": [10, 20],
-    },
-}
-PIPELINE_PARAMETERS = {"recipe": "fclib"}  # parameters of the run itself, which no notebook reads
-
-
-def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parameters of a profile (profiles/NAME.yaml) with overrides applied.
-
-    Every value is checked against the type of that parameter's default in the notebooks'
-    `parameters` cells (the one place parameters are declared): a bad profile line is named
-    with its file and line, a bad override with the parameter and what it accepts.
-    """
-    path = PROFILES / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
-        raise SystemExit(f"no profile {name!r}; the profiles are: {known}")
-    params, lines = _read_profile(path)
-    declared = {**notebook_parameters(), **PIPELINE_PARAMETERS}
-    wrong = [
-        f"{path}, line {lines[k]}: unknown parameter {k!r}{_did_you_mean(k, declared)}"
-        for k in params
-        if k not in declared
-    ]
-    wrong += [
-        f"{path}, line {lines[k]}: {fault}"
-        for k, v in params.items()
-        if k in declared
-        for fault in [_type_fault(k, v, declared[k])]
-        if fault
-    ]
-    missing = [k for k in declared if k not in params]
-    if missing:
-        wrong.append(f"{path}: parameters missing: {', '.join(missing)} (a profile sets every parameter)")
-    if wrong:
-        raise SystemExit("bad profile:\n- " + "\n- ".join(wrong))
-    overrides = dict(overrides or {})
-    if overrides.get("recipe") in RECIPES:  # the recipe's values first; the other overrides win
-        overrides = {**RECIPES[overrides["recipe"]], **overrides}
-    for key, value in overrides.items():
-        if key not in params:
-            raise SystemExit(
-                f"unknown parameter {key!r}{_did_you_mean(key, params)}; profile {name} has: {', '.join(params)}"
-            )
-        if key == "teacher_api_key_env" and not is_variable_name(value):
-            raise SystemExit(KEY_REFUSED)
-        fault = _type_fault(key, value, declared[key])
-        if fault:
-            raise SystemExit(fault)
-        params[key] = value
-    try:
-        runs.run_folder(params["run_name"], create=False)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    problems = validate(params, name)
-    if problems:
-        raise SystemExit("impossible parameters:\n- " + "\n- ".join(problems))
-    return params
-
-
-def _read_profile(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """(parameters, line of each) of a profile file; a YAML fault or a repeated key is named with its line."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-        node = yaml.compose(text)
-        params = yaml.safe_load(text)
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"{path}, line {raw[: e.start].count(NEWLINE) + 1}: not valid UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise SystemExit(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if not isinstance(params, dict) or not isinstance(node, yaml.MappingNode):
-        raise SystemExit(f"{path}: a profile is a mapping of parameter: value, one a line")
-    lines: dict[str, int] = {}
-    for key, _ in node.value:
-        if key.value in lines:
-            raise SystemExit(
-                f"{path}, line {key.start_mark.line + 1}: parameter {key.value!r} is set twice "
-                f"(first on line {lines[key.value]})"
-            )
-        lines[key.value] = key.start_mark.line + 1
-    return params, lines
-
-
-def notebook_parameters() -> dict[str, Any]:
-    """{parameter: default} of every notebook's `parameters` cell (the defaults are the cpu profile's)."""
-
-    declared: dict[str, Any] = {}
-    for nb in notebooks():
-        cell = next(
-            c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])
-        )
-        for node in ast.parse("".join(cell["source"])).body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                declared[node.targets[0].id] = ast.literal_eval(node.value)
-    return declared
-
-
-def _type_fault(key: str, value: Any, default: Any) -> str | None:
-    """Why `value` cannot be parameter `key` (whose default is `default`), or None when it can."""
-    kind = "a number" if isinstance(default, float) else type(default).__name__
-    if key == "nmax":
-        kind = "int or a list of ints"
-    if value is None:
-        return None if default is None else f"parameter {key} must be {kind}, got null"
-    if default is None or type(value) is type(default):
-        return None
-    if isinstance(default, float) and type(value) is int:  # 1 where 1.0 is meant
-        return None
-    if key == "nmax" and isinstance(value, list):
-        return None
-    return (
-        f"parameter {key} must be {kind}, got {str(value)[:60]!r}"
-        if isinstance(value, str)
-        else f"parameter {key} must be {kind}, got {value!r}"
-    )
-
-
-def _did_you_mean(key: str, known: Any) -> str:
-
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-STAGE_SETTINGS = (ProblemSettings, TeacherSettings, PairSettings, TrainSettings, EvalSettings)
-
-
-def validate(params: dict[str, Any], profile: str = "") -> list[str]:
-    """What is wrong with a parameter set, before anything runs (empty when nothing is).
-
-    Each stage's settings check their own values; this adds only what involves a profile.
-    """
-    wrong: list[str] = []
-    builds = [lambda cls=cls: cls.from_params(params) for cls in STAGE_SETTINGS]
-    builds += [  # the agent of the teacher (notebook 02) and of evaluation (notebook 05)
-        lambda: AgentConfig.from_params(params, temperature=params["temperature"]),
-        lambda: AgentConfig.from_params(params),
-    ]
-    for build in builds:
-        try:
-            build()
-        except SettingsError as e:
-            wrong += [fault for fault in e.faults if fault not in wrong]
-    recipe = params.get("recipe", "fclib")
-    if recipe not in RECIPES:
-        wrong.append(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-    elif recipe == "paper":  # the name promises the paper's method: every value of it, or another recipe
-        wrong += [
-            f"recipe paper sets {key}: {value!r}, not {params[key]!r} (for other values use recipe fclib)"
-            for key, value in RECIPES["paper"].items()
-            if params[key] != value
-        ]
-    if profile == "paper" and not params["teacher_url"]:
-        wrong.append("the paper profile needs a teacher endpoint: -p teacher_url=https://... -p teacher=MODEL")
-    return wrong
 
 
 def hub_sources(params: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -264,36 +87,6 @@ def go_offline_unless_needed(params: dict[str, Any]) -> None:
             )
     if wrong:
         raise SystemExit("\n".join(wrong))
-
-
-def notebook_profile(namespace: dict[str, Any]) -> str | None:
-    """Called by each notebook right after its parameters cell.
-
-    A notebook's parameter defaults are the `cpu` profile, for people stepping through it. CI
-    runs the notebooks under nbval, which cannot pass parameters: it sets
-    $FCLIB_NOTEBOOK_PROFILE (to `smoke`), and this replaces the defaults of the parameters the
-    notebook declares with that profile's values. The pipeline runner removes the variable, so
-    the parameters papermill injects always win. Returns the profile applied, if any.
-    """
-    name = os.environ.get(NOTEBOOK_PROFILE_ENV)
-    if not name:
-        return None
-    params = load_profile(name)
-    namespace.update({k: v for k, v in params.items() if k in namespace})
-    print(f"parameters of profile {name!r} (${NOTEBOOK_PROFILE_ENV} is set)")
-    return name
-
-
-def notebooks(start: str | None = None, stop: str | None = None) -> list[Path]:
-    """The study's numbered notebooks (01-05) in order, from `start` (e.g. '03') to `stop` (inclusive)."""
-    found = [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if p.name[:2] <= LAST_STAGE]
-    if start:
-        found = [p for p in found if p.name[:2] >= start.zfill(2)]
-    if stop:
-        found = [p for p in found if p.name[:2] <= stop.zfill(2)]
-    if not found:
-        raise SystemExit(f"no notebooks to run in {NOTEBOOKS}" + (f" from {start}" if start else ""))
-    return found
 
 
 def environment() -> dict[str, Any]:
@@ -407,54 +200,99 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
 
     Each notebook's output (its prints and progress bars, as text) streams to this process's
     stdout and stderr while it runs. The wall time and peak memory of each notebook go to
-    `timings.json` and `memory.json`.
+    `timings.json` and `memory.json`. The run folder is held for the whole run (`runs.lock_run`):
+    a second run on it is refused. Starting `--from` a later notebook is refused where the
+    parameters changed for a notebook it skips whose results the run holds.
     """
     import papermill as pm
 
+    todo = notebooks(start, stop)
     go_offline_unless_needed(params)
-    run_folder = runs.run_folder(params["run_name"])
-    (run_folder / "notebooks").mkdir(exist_ok=True)
-    runs.write_yaml(run_folder / "params.yaml", params)
-    runs.write_json(run_folder / "env.json", environment())
-    os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts must use the injected parameters
-    os.environ[TEXT_PROGRESS_ENV] = "1"  # progress bars as text, so they reach the terminal
-    os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
+    try:
+        run_folder = runs.run_folder(params["run_name"])
+        with runs.lock_run(run_folder, f"pipeline {params['run_name']}"):
+            _check_skipped(run_folder, params, todo)
+            (run_folder / "notebooks").mkdir(exist_ok=True)
+            runs.write_yaml(run_folder / "params.yaml", params)
+            runs.write_json(run_folder / "env.json", environment())
+            os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts use the injected parameters
+            os.environ[TEXT_PROGRESS_ENV] = "1"  # progress bars as text, so they reach the terminal
+            os.environ.setdefault("TQDM_MININTERVAL", "5")  # and update every few seconds, not every 0.1 s
+            for i, nb in enumerate(todo, 1):
+                _run_notebook(pm, nb, params, run_folder, f"[{i}/{len(todo)}]")
+    except runs.RunInUse as e:
+        raise SystemExit(str(e)) from None
+    except PermissionError as e:
+        raise SystemExit(
+            f"cannot write to {e.filename or runs.outputs_root()}: {e.strerror}. Make it writable, or set "
+            "FCLIB_OUTPUTS to a folder you can write to"
+        ) from None
+    return run_folder
+
+
+def _check_skipped(run_folder: Path, params: dict[str, Any], todo: list[Path]) -> None:
+    """Refuse a start past notebooks whose results were made with other values than `params` (they would not be
+    redone, and params.yaml would claim values they were not made with)."""
+    skipped = [nb.name[:2] for nb in notebooks() if nb.name[:2] < todo[0].name[:2]]
+    if not skipped:
+        return
+    try:
+        old = runs.read_mapping(run_folder / "params.yaml")
+    except runs.UnreadableFile as e:
+        raise SystemExit(f"{e}: the run's earlier notebooks cannot be checked; run it from 01") from None
+    changed = changed_under(run_folder, old, params, stages=skipped) if old is not None else []
+    if changed:
+        raise SystemExit(
+            f"--from {todo[0].name[:2]} skips notebooks that read parameters this run changes:\n- "
+            + "\n- ".join(changed)
+            + "\nrun from the first notebook that reads them, or choose another --run-name"
+        )
+
+
+def _run_notebook(pm: Any, nb: Path, params: dict[str, Any], run_folder: Path, where: str) -> None:
+    """One notebook with papermill, its time and peak memory recorded; a failure is one message, not a traceback."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    declared = pm.inspect_notebook(str(nb))
+    given = {k: v for k, v in params.items() if k in declared}
+    target = run_folder / "notebooks" / nb.name
+    log.info("%s %s: running (executed copy: %s)", where, nb.stem, target)
+    t0 = time.perf_counter()
+    try:
+        with PeakMemory() as peak:
+            pm.execute_notebook(
+                str(nb),
+                str(target),
+                parameters=given,
+                cwd=str(NOTEBOOKS),
+                kernel_name=KERNEL,
+                progress_bar=False,
+                stdout_file=sys.stdout,
+                stderr_file=sys.stderr,
+            )
+    except pm.PapermillExecutionError as e:
+        raise SystemExit(
+            f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nthe executed notebook is at {target}"
+        ) from None
+    except DeadKernelError:
+        raise SystemExit(
+            f"{nb.name}: the notebook's kernel died (out of memory, or killed); run the same command again to carry "
+            f"on where it stopped. The executed notebook is at {target}"
+        ) from None
+    except CellTimeoutError as e:
+        raise SystemExit(
+            f"{nb.name}: a cell ran past its time limit ({e}); the executed notebook is at {target}"
+        ) from None
     timings = runs.read_record_file(run_folder / "timings.json")
     memory = runs.read_record_file(run_folder / "memory.json")
-    gpu_memory = runs.read_record_file(run_folder / "gpu_memory.json")
-    todo = notebooks(start, stop)
-    for i, nb in enumerate(todo, 1):
-        declared = pm.inspect_notebook(str(nb))
-        given = {k: v for k, v in params.items() if k in declared}
-        target = run_folder / "notebooks" / nb.name
-        log.info("[%d/%d] %s: running (executed copy: %s)", i, len(todo), nb.stem, target)
-        t0 = time.perf_counter()
-        try:
-            with PeakMemory() as peak:
-                pm.execute_notebook(
-                    str(nb),
-                    str(target),
-                    parameters=given,
-                    cwd=str(NOTEBOOKS),
-                    kernel_name=KERNEL,
-                    progress_bar=False,
-                    stdout_file=sys.stdout,
-                    stderr_file=sys.stderr,
-                )
-        except pm.PapermillExecutionError as e:
-            raise SystemExit(
-                f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nthe executed notebook is at {target}"
-            ) from None
-        timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
-        runs.write_json(run_folder / "timings.json", timings)
-        runs.write_json(run_folder / "memory.json", memory)
-        if peak.peak_gpu_gib is not None:
-            gpu_memory[nb.stem] = peak.peak_gpu_gib
-            runs.write_json(run_folder / "gpu_memory.json", gpu_memory)
-        log.info(
-            "[%d/%d] %s: done in %.0f s, peak memory %.2f GiB", i, len(todo), nb.stem, timings[nb.stem], peak.peak_gib
-        )
-    return run_folder
+    timings[nb.stem], memory[nb.stem] = round(time.perf_counter() - t0, 1), peak.peak_gib
+    runs.write_json(run_folder / "timings.json", timings)
+    runs.write_json(run_folder / "memory.json", memory)
+    if peak.peak_gpu_gib is not None:
+        gpu_memory = runs.read_record_file(run_folder / "gpu_memory.json")
+        gpu_memory[nb.stem] = peak.peak_gpu_gib
+        runs.write_json(run_folder / "gpu_memory.json", gpu_memory)
+    log.info("%s %s: done in %.0f s, peak memory %.2f GiB", where, nb.stem, timings[nb.stem], peak.peak_gib)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -479,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             overrides[key.strip()] = value  # not YAML (an unclosed bracket, say): the text itself, checked as any value
     if args.run_name:
         overrides["run_name"] = args.run_name
+    notebooks(args.start, args.stop)  # a bad --from or --to stops before anything else
     params = load_profile(args.profile, overrides)
     t0 = time.perf_counter()
     run_folder = run(params, args.start, args.stop)

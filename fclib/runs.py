@@ -7,11 +7,20 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.std import tqdm as text_tqdm
 
@@ -189,3 +198,108 @@ def read_record_file(path: str | Path) -> dict[str, Any]:
         os.replace(path, aside)
         log.warning("%s; set aside as %s and started anew", e, aside.name)
         return {}
+
+
+# One run folder, one writer. A pipeline or sweep holds its folder exclusively for as long as it runs; a notebook
+# kernel (JupyterLab) holds its run's folder shared for as long as it lives. A second holder is refused at once,
+# in one line naming the first. The kernels a pipeline starts find the folder held by it ($FCLIB_HELD_BY) and
+# take nothing. Locks are flock(2) locks on `<folder>/.lock`: the system drops them when their process ends,
+# however it ends, so a killed run never leaves a stale lock behind.
+LOCK_FILE = ".lock"
+HELD_BY_ENV = "FCLIB_HELD_BY"  # "<pid>:<folder>" of the pipeline that holds a run, for the kernels it starts
+_held: dict[Path, list[Any]] = {}  # folder -> [file descriptor, times taken] of the locks this process holds
+_notebook_hold: list[Path] = []  # the run a notebook kernel holds (one at a time)
+
+
+class RunInUse(RuntimeError):
+    """Another process holds the run folder; the message says which and what to do."""
+
+
+def _holder(folder: Path) -> str:
+    try:
+        info = json.loads((folder / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if info.get("pid") and psutil.pid_exists(info["pid"]):
+        return f"process {info['pid']} ({info.get('what', '?')}, since {info.get('since', '?')})"
+    return "a notebook kernel (JupyterLab or Jupyter: shut that kernel down to free it)"
+
+
+def _take(folder: Path, shared: bool, what: str) -> None:
+    folder = folder.resolve()
+    if folder in _held:  # taken again by this process (a sweep holds a run that it then runs): re-entrant
+        _held[folder][1] += 1
+        return
+    if fcntl is None:  # not a POSIX system: no lock, as before
+        _held[folder] = [None, 1]
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInUse(
+            f"{folder} is in use by {_holder(folder)}: wait for it to end, or choose another run name"
+        ) from None
+    if not shared:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        info = json.dumps({"pid": os.getpid(), "what": what, "since": since})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+    _held[folder] = [fd, 1]
+
+
+def _drop(folder: Path) -> None:
+    folder = folder.resolve()
+    entry = _held.get(folder)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[folder]
+        if entry[0] is not None:
+            os.close(entry[0])  # closing the descriptor releases the lock
+
+
+@contextmanager
+def lock_run(folder: str | Path, what: str = "") -> Iterator[None]:
+    """Hold a run (or sweep) folder for the block, alone; `RunInUse` if any other process holds it.
+
+    The kernels started inside the block see the folder as held by their parent (`held_by_parent`).
+    """
+    folder = Path(folder)
+    _take(folder, shared=False, what=what or " ".join(sys.argv)[:200])
+    before = os.environ.get(HELD_BY_ENV)
+    os.environ[HELD_BY_ENV] = f"{os.getpid()}:{folder.resolve()}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HELD_BY_ENV, None)
+        else:
+            os.environ[HELD_BY_ENV] = before
+        _drop(folder)
+
+
+def held_by_parent(folder: str | Path) -> bool:
+    """Whether `folder` is held by a process this one descends from (the pipeline that started this kernel)."""
+    pid, _, held = os.environ.get(HELD_BY_ENV, "").partition(":")
+    if not pid.isdigit() or Path(held) != Path(folder).resolve():
+        return False
+    try:
+        return int(pid) in {p.pid for p in psutil.Process().parents()} or int(pid) == os.getpid()
+    except psutil.Error:
+        return False
+
+
+def hold(folder: str | Path) -> None:
+    """A notebook kernel's hold on its run (shared with other kernels, refused while a pipeline runs it), kept
+    until the kernel ends or holds another run. Nothing is taken where the kernel's own pipeline holds it."""
+    folder = Path(folder).resolve()
+    if held_by_parent(folder) or folder in _notebook_hold:
+        return
+    _take(folder, shared=True, what="notebook")
+    for old in _notebook_hold:
+        _drop(old)
+    _notebook_hold[:] = [folder]

@@ -44,20 +44,12 @@ from typing import Any
 
 import yaml
 
-from fclib import pipeline, runs
+from fclib import pipeline, profiles, runs
 
 log = logging.getLogger(__name__)
 
-# What each notebook writes in a run folder (folders, files, glob patterns), so that a run can take
-# another's outputs of the stages they share. A test checks that a smoke run writes nothing else.
-STAGE_OUTPUTS = {
-    "01": ["problems", "figures/gsm8k_*"],
-    "02": ["chains", "figures/teacher_*"],
-    "03": ["pairs", "figures/pair_*"],
-    "04": ["model", "train", "figures/margins_*", "figures/training_*", "figures/dpo_loss_*"],
-    "05": ["eval", "report.md", "figures/eval_*"],
-}
-RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memory.json", "notebooks"]
+STAGE_OUTPUTS = profiles.STAGE_OUTPUTS  # what each notebook writes in a run folder
+RUN_FILES = ["params.yaml", "env.json", "timings.json", "memory.json", "gpu_memory.json", "notebooks", runs.LOCK_FILE]
 RUN_FILES += ["screenshots"]  # the browser test's, of notebook 01 in JupyterLab: no stage's output
 # What the notebooks after 01 read of its output: a stage's key covers these files' content
 PROBLEM_FILES = {"02": "problems/train.jsonl", "05": "problems/test.jsonl"}
@@ -193,9 +185,7 @@ def evaluated_on(folder: Path, test: Path) -> bool:
 
 def declared_parameters() -> dict[str, set[str]]:
     """{NN: the parameters notebook NN's parameters cell declares} for the study's notebooks."""
-    import papermill as pm
-
-    return {nb.name[:2]: set(pm.inspect_notebook(str(nb))) for nb in pipeline.notebooks()}
+    return {nn: set(declared) for nn, declared in profiles.declared_parameters().items()}
 
 
 def saved_parameters(folder: Path) -> dict[str, Any]:
@@ -410,31 +400,9 @@ class Sweep:
             self.save()
             t0 = time.perf_counter()
             try:
-                while done != all_nn:
-                    source, shared = self.source_for(run, i, done)
-                    if shared:
-                        copy_stages(source, folder, shared)
-                        runs.write_yaml(folder / "params.yaml", run.params)
-                        name = source.name if source.parent == self.folder else str(source)
-                        reused = entry.setdefault("reused", [])
-                        if reused and reused[-1]["from"] == name:
-                            reused[-1]["notebooks"] += shared
-                        else:
-                            reused.append({"from": name, "notebooks": shared})
-                        log.info("%s: notebooks %s-%s copied from %s", where, shared[0], shared[-1], name)
-                        done = done_notebooks(folder, run.params)
-                        continue
-                    start = all_nn[len(done)]
-                    stop = start if not done else None  # notebook 01 alone, then look again
-                    if done and not (folder / EVAL_RESULTS[0]).exists():  # 01 has written the test problems
-                        self.start_from_results(run, i, entry, where)
-                    log.info("%s: running notebooks %s-%s", where, start, stop or all_nn[-1])
-                    pipeline.run(run.params, start=start, stop=stop)
-                    before, done = done, done_notebooks(folder, run.params)
-                    if len(done) <= len(before):
-                        raise SystemExit(f"notebook {start} ran but {folder / 'timings.json'} does not say so")
+                self.run_one(run, i, entry, where, done, all_nn)
                 entry["status"] = "done"
-            except SystemExit as e:  # a notebook failed: recorded, and the sweep goes on
+            except (SystemExit, runs.RunInUse) as e:  # a notebook failed: recorded, and the sweep goes on
                 entry["status"], entry["error"] = "failed", str(e)[:2000]
                 failed.append(run.name)
                 log.error("%s failed: %s", where, e)
@@ -445,6 +413,34 @@ class Sweep:
         self.state["wall_s"] = round(self.state.get("wall_s", 0) + time.perf_counter() - t_sweep, 1)
         self.save()
         return failed
+
+    def run_one(self, run: Run, i: int, entry: dict[str, Any], where: str, done: list[str], all_nn: list[str]) -> None:
+        """Finish one run of the sweep, holding its folder: copy what others share with it, run the rest."""
+        folder = self.folder / run.name
+        with runs.lock_run(folder, f"sweep {self.name}, run {run.name}"):
+            while done != all_nn:
+                source, shared = self.source_for(run, i, done)
+                if shared:
+                    copy_stages(source, folder, shared)
+                    runs.write_yaml(folder / "params.yaml", run.params)
+                    name = source.name if source.parent == self.folder else str(source)
+                    reused = entry.setdefault("reused", [])
+                    if reused and reused[-1]["from"] == name:
+                        reused[-1]["notebooks"] += shared
+                    else:
+                        reused.append({"from": name, "notebooks": shared})
+                    log.info("%s: notebooks %s-%s copied from %s", where, shared[0], shared[-1], name)
+                    done = done_notebooks(folder, run.params)
+                    continue
+                start = all_nn[len(done)]
+                stop = start if not done else None  # notebook 01 alone, then look again
+                if done and not (folder / EVAL_RESULTS[0]).exists():  # 01 has written the test problems
+                    self.start_from_results(run, i, entry, where)
+                log.info("%s: running notebooks %s-%s", where, start, stop or all_nn[-1])
+                pipeline.run(run.params, start=start, stop=stop)
+                before, done = done, done_notebooks(folder, run.params)
+                if len(done) <= len(before):
+                    raise SystemExit(f"notebook {start} ran but {folder / 'timings.json'} does not say so")
 
     def start_from_results(self, run: Run, i: int, entry: dict[str, Any], where: str) -> None:
         """Before notebook 05 first runs: copy the evaluation results of a run that shares notebooks 01-04 and the
@@ -558,10 +554,14 @@ def main(argv: list[str] | None = None) -> None:
     only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
     if only and not any(selected(r.name, only) for r in sweep.runs):
         raise SystemExit(f"--only {args.only}: no run of the sweep matches ({', '.join(r.name for r in sweep.runs)})")
-    failed = sweep.run_all(only)
-    if not args.no_compare and len(sweep.runs) > len(failed):
-        log.info("sweep %s: comparing the runs (notebook 06)", sweep.name)
-        sweep.compare()
+    try:
+        with runs.lock_run(sweep.folder, f"sweep {sweep.name}"):
+            failed = sweep.run_all(only)
+            if not args.no_compare and len(sweep.runs) > len(failed):
+                log.info("sweep %s: comparing the runs (notebook 06)", sweep.name)
+                sweep.compare()
+    except runs.RunInUse as e:
+        raise SystemExit(str(e)) from None
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
     done = sum(entry["status"] == "done" for entry in sweep.state["runs"])  # runs left out by --only are not
     print(

@@ -1,4 +1,4 @@
-"""nbval runs the committed notebooks on the `smoke` profile (see fclib.pipeline.notebook_profile)."""
+"""nbval runs the committed notebooks on the `smoke` profile (see fclib.profiles.notebook_profile)."""
 
 import os
 

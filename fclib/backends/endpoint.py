@@ -14,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import httpcore2 as httpcore  # the pinned openai client speaks through httpx2 (a fork of httpx), on httpcore2
+import httpx2 as httpx
+
 from fclib.backends import GenerationSettings, Message, Reply, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -361,67 +364,73 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _attempt = threading.local()
 
 
+def _bounded(timeout: float | None, kind: type[Exception]) -> float | None:
+    """`timeout` cut to what is left of the attempt's deadline in this thread; `kind` once none is left."""
+    deadline = getattr(_attempt, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise kind(f"the request took longer than {_attempt.total_s:g} s in all (request_timeout)")
+    return left if timeout is None else min(timeout, left)
+
+
+class _Stream(httpcore.NetworkStream):
+    """A connection whose reads and writes keep to the attempt's deadline and count the answer's bytes."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self.stream.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+        _attempt.received = getattr(_attempt, "received", 0) + len(data)
+        if _attempt.received > MAX_RESPONSE_BYTES:
+            raise httpcore.ReadError(f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        return _Stream(self.stream.start_tls(ssl_context, server_hostname, _bounded(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.stream.get_extra_info(info)
+
+
+class _Backend(httpcore.NetworkBackend):
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any) -> Any:
+        return _Stream(self.backend.connect_tcp(host, port, _bounded(timeout, httpcore.ConnectTimeout), **kwargs))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        return _Stream(self.backend.connect_unix_socket(path, _bounded(timeout, httpcore.ConnectTimeout), **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self.backend.sleep(seconds)
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport, each attempt given `total_s` seconds from its start to its last byte."""
+
+    def __init__(self, total_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.total_s = total_s
+        self._pool._network_backend = _Backend(self._pool._network_backend)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        _attempt.deadline, _attempt.total_s, _attempt.received = time.monotonic() + self.total_s, self.total_s, 0
+        return super().handle_request(request)
+
+
 def _http_client(total_s: float) -> Any:
     """An httpx client for the openai client whose every request attempt ends within `total_s` seconds."""
-    import httpcore2 as httpcore  # the pinned openai client speaks through httpx2 (a fork of httpx), on httpcore2
-    import httpx2 as httpx
     from openai import DefaultHttpxClient
     from openai._constants import DEFAULT_CONNECTION_LIMITS
 
-    def bounded(timeout: float | None, kind: type[Exception]) -> float | None:
-        deadline = getattr(_attempt, "deadline", None)
-        if deadline is None:
-            return timeout
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise kind(f"the request took longer than {total_s:g} s in all (request_timeout)")
-        return left if timeout is None else min(timeout, left)
-
-    class Stream(httpcore.NetworkStream):
-        def __init__(self, stream: Any):
-            self.stream = stream
-
-        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            data = self.stream.read(max_bytes, bounded(timeout, httpcore.ReadTimeout))
-            _attempt.received = getattr(_attempt, "received", 0) + len(data)
-            if _attempt.received > MAX_RESPONSE_BYTES:
-                raise httpcore.ReadError(f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
-            return data
-
-        def write(self, buffer: bytes, timeout: float | None = None) -> None:
-            self.stream.write(buffer, bounded(timeout, httpcore.WriteTimeout))
-
-        def close(self) -> None:
-            self.stream.close()
-
-        def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
-            return Stream(
-                self.stream.start_tls(ssl_context, server_hostname, bounded(timeout, httpcore.ConnectTimeout))
-            )
-
-        def get_extra_info(self, info: str) -> Any:
-            return self.stream.get_extra_info(info)
-
-    class Backend(httpcore.NetworkBackend):
-        def __init__(self, backend: Any):
-            self.backend = backend
-
-        def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any) -> Any:
-            return Stream(self.backend.connect_tcp(host, port, bounded(timeout, httpcore.ConnectTimeout), **kwargs))
-
-        def connect_unix_socket(self, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
-            return Stream(self.backend.connect_unix_socket(path, bounded(timeout, httpcore.ConnectTimeout), **kwargs))
-
-        def sleep(self, seconds: float) -> None:
-            self.backend.sleep(seconds)
-
-    class Transport(httpx.HTTPTransport):
-        def __init__(self) -> None:
-            super().__init__(limits=DEFAULT_CONNECTION_LIMITS)
-            self._pool._network_backend = Backend(self._pool._network_backend)
-
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
-            _attempt.deadline, _attempt.received = time.monotonic() + total_s, 0
-            return super().handle_request(request)
-
-    return DefaultHttpxClient(transport=Transport())
+    return DefaultHttpxClient(transport=_Transport(total_s, limits=DEFAULT_CONNECTION_LIMITS))

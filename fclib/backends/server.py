@@ -8,7 +8,9 @@ the `openai` client, by serving a local model folder:
         ...
 
 The server listens on a free 127.0.0.1 port, is ready when `/health` answers, and is stopped
-by its process id (its whole process group) when the block ends, even on an exception.
+by its process id (its whole process group) when the block ends, even on an exception. It also
+dies with the process that started it, however that ends (Ctrl-C, SIGTERM, SIGKILL, a kernel
+killed with its pipeline): on Linux the kernel sends it SIGKILL then (PR_SET_PDEATHSIG).
 With `continuous_batching=True` concurrent requests are generated together (measured in
 benchmarks/teacher_concurrency.py); that mode takes its sampling settings from the first
 request, ignores per-request seeds and stop strings (the client cuts at them instead).
@@ -16,6 +18,7 @@ request, ignores per-request seeds and stop strings (the client cuts at them ins
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -38,6 +41,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+
+
+def _dies_with(owner: int) -> Any:
+    """For `Popen(preexec_fn=...)`: the child is killed when `owner`, the process starting it, ends. Linux only
+    (None elsewhere, where the `with` block is the only guard). The owner's thread must outlive the server: it
+    is started from the thread that runs the notebook's cells."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: nothing is loaded after it
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != owner:  # the owner ended between the fork and prctl
+            os._exit(1)
+
+    return in_child
 
 
 class LocalServer:
@@ -90,7 +112,14 @@ class LocalServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches its owner, which stops it in order
+                preexec_fn=_dies_with(os.getpid()),
+            )
         try:
             self._wait_ready()
         except BaseException:

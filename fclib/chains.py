@@ -40,6 +40,7 @@ from fclib.runs import (
     BadLine,
     check_fields,
     check_messages,
+    differences,
     fault_of,
     jsonl_line,
     jsonl_lines,
@@ -215,17 +216,6 @@ def fingerprint(backend: ChatBackend, config: AgentConfig) -> dict[str, Any]:
     return {"backend": type(backend).__name__, "model": backend.model_id, "agent": agent}
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
 def generate(
     backend: ChatBackend,
     problems: Sequence[Problem],
@@ -343,7 +333,7 @@ def claim(path: Path, source: str, settings: dict[str, Any], overwrite: bool) ->
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"sources": {}}
     old = meta["sources"].get(source)
     if old is not None and old != settings:
-        changes = _differences(old, settings)
+        changes = differences(old, settings)
         if not overwrite:
             raise ValueError(
                 f"{path} already holds chains of source {source!r} made with other settings "

@@ -29,8 +29,10 @@ teacher's whole chains part from the reference at their first call or two.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -410,11 +412,28 @@ Dropped: {dropped}.
 
 
 def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
-    """Write `train.jsonl`, `validation.jsonl`, a `datasets` DatasetDict (`dataset/`), `stats.json`, `README.md`."""
+    """Write `train.jsonl`, `validation.jsonl`, a `datasets` DatasetDict (`dataset/`), `stats.json`, `README.md`.
+
+    All of them or none: they are written into a new folder beside `folder`, which then takes its place (a kill
+    at any point leaves the old pairs or the new, never some of each).
+    """
+    folder = Path(folder)
+    for left in folder.parent.glob(f".{folder.name}.*-*"):  # what a kill during an earlier save left
+        shutil.rmtree(left, ignore_errors=True)
+    new = folder.with_name(f".{folder.name}.new-{os.getpid()}")
+    _write_pairs(pairs, new, run_name or folder.parent.name)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _write_pairs(pairs: PairSet, folder: Path, run_name: str) -> None:
     from datasets import DatasetDict
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True)
     for name, rows in (("train", pairs.train), ("validation", pairs.validation)):
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
@@ -435,7 +454,7 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
     dropped = ", ".join(f"{v} {k}" for k, v in s["dropped"].items()) or "nothing"
     (folder / "README.md").write_text(
         CARD.format(
-            run_name=run_name or folder.parent.name,
+            run_name=run_name,
             strategy=s["strategy"],
             cap=s["max_pairs_per_problem"],
             use_reference=s["use_reference"],
@@ -452,7 +471,6 @@ def save_pairs(pairs: PairSet, folder: str | Path, run_name: str = "") -> Path:
     )
     splits = {name: _dataset(rows) for name, rows in (("train", pairs.train), ("validation", pairs.validation)) if rows}
     DatasetDict(splits).save_to_disk(str(folder / "dataset"))
-    return folder
 
 
 def _dataset(rows: Sequence[Mapping[str, Any]]) -> Any:

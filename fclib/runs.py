@@ -131,6 +131,18 @@ def read_jsonl(path: str | Path, convert: Callable[[Any], Any] | None = None) ->
     return records
 
 
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each value that differs between two mappings, nested keys joined by dots."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` whole or not at all: a reader, or a kill at any moment, finds the old file or the new.
 

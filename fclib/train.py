@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from fclib import runs
+from fclib import checkpoints, runs
 from fclib.fast.completion_scoring import completion_only_scoring
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
 from fclib.models import load_model, load_tokenizer, model_fault, resolve_model
@@ -253,7 +254,16 @@ def make_trainer(
     return trainer
 
 
+WEIGHTLESS = (
+    "merge_adapter",
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+)  # settings that leave the weights as they are
+
+
 def last_checkpoint(run_folder: str | Path) -> str | None:
+    """The last checkpoint of a run's training, complete or not (what a rerun looks at first)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = Path(run_folder) / "model" / "checkpoints"
@@ -267,25 +277,45 @@ def train(
     resume: bool = True,
     callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Train, save the adapter and the log; resumes from the last checkpoint when there is one.
+    """Train, save the adapter and the log; safe to run again whatever stopped it (`fclib.checkpoints`).
 
-    Under `accelerate launch` every process trains on its shard of the pairs and only the main
-    process writes the adapter and the log; `info["main_process"]` says which one this is.
+    A finished training with the same settings and pairs is recognised and not repeated (`reused` in the
+    result); otherwise training resumes from the last complete checkpoint of the same settings and pairs,
+    and starts afresh when there is none (other checkpoints are set aside). Under `accelerate launch`
+    every process trains on its shard of the pairs and only the main process writes the adapter and the
+    log; `info["main_process"]` says which one this is.
     """
     run_folder = Path(run_folder)
-    checkpoint = last_checkpoint(run_folder) if resume else None
+    adapter, checkpoint_dir = run_folder / "model" / "adapter", run_folder / "model" / "checkpoints"
+    mark = checkpoints.fingerprint(asdict(settings), pairs_dir, WEIGHTLESS)
+    main = int(os.environ.get("RANK", "0")) == 0  # accelerate's main process (or the only one)
+    done = checkpoints.finished(adapter, mark) if resume else None
+    if done is not None:
+        log.info("the training in %s is finished, with these settings and pairs: not repeated", adapter)
+        done = {**done, "settings": asdict(settings)}  # settings that leave the weights as they are may differ
+        if main:
+            runs.write_json(adapter / "fclib_training.json", done)
+        return {**done, "reused": True, "main_process": main}
+    if not resume and main:
+        checkpoints.set_aside_all(checkpoint_dir)
+    checkpoint = checkpoints.resumable(checkpoint_dir, mark, writer=main)
+    state = checkpoints.state(checkpoint) if checkpoint else None
+    if state and state.get("max_steps") and state["global_step"] >= state["max_steps"]:
+        log.info("%s holds the last step: it is the training's result", checkpoint)
+        return _finish_from(checkpoint, state, pairs_dir, run_folder, settings, mark, main)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     with completion_only_scoring() if settings.completion_only_scoring else nullcontext():
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
         with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not math.isfinite(result.training_loss):
         raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
     info = {
         "settings": asdict(settings),
+        "fingerprint": mark,
         "quantized_4bit": use_4bit(settings),
-        "resumed_from": checkpoint,
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "global_step": result.global_step,
         "training_loss": result.training_loss,
         "trainable_parameters": trainable_parameters(trainer.model),
@@ -293,14 +323,75 @@ def train(
     }
     if not trainer.is_world_process_zero():  # one writer under accelerate launch
         return {**info, "main_process": False}
-    adapter = run_folder / "model" / "adapter"
-    trainer.model.save_pretrained(str(adapter))
-    trainer.processing_class.save_pretrained(str(adapter))
-    (adapter / "fclib_training.json").write_text(json.dumps(info, indent=2))
-    (adapter / "dpo_config.json").write_text(trainer.args.to_json_string())
-    (run_folder / "train").mkdir(parents=True, exist_ok=True)
-    (run_folder / "train" / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+    def save_adapter(target: Path) -> None:
+        trainer.model.save_pretrained(str(target))
+        trainer.processing_class.save_pretrained(str(target))
+
+    _save(run_folder, info, trainer.state.log_history, trainer.args.to_json_string(), save_adapter)
     return {**info, "main_process": True}
+
+
+def _save(run_folder: Path, info: dict[str, Any], log_history: list, args_json: str, save_adapter: Any) -> None:
+    """Write the log, the training arguments, the adapter and, last, its record (`fclib_training.json`, whose
+    fingerprint says the adapter is whole); the old record goes first, so a kill in between leaves no adapter
+    that a rerun would take for finished."""
+    adapter = run_folder / "model" / "adapter"
+    (adapter / "fclib_training.json").unlink(missing_ok=True)
+    runs.write_atomic(run_folder / "train" / "log_history.json", json.dumps(log_history, indent=1))
+    save_adapter(adapter)
+    runs.write_atomic(adapter / "dpo_config.json", args_json)
+    runs.write_json(adapter / "fclib_training.json", info)
+
+
+def _finish_from(
+    checkpoint: Path,
+    state: dict[str, Any],
+    pairs_dir: str | Path,
+    run_folder: Path,
+    settings: TrainSettings,
+    mark: dict[str, Any],
+    main: bool,
+) -> dict[str, Any]:
+    """The training's result from its checkpoint at the last step (a run killed after the last step, before the
+    adapter was written): that checkpoint's adapter, tokenizer and log, without another step (resuming there,
+    transformers' Trainer would take one more)."""
+    from safetensors import safe_open
+
+    losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
+        trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    base, _ = load_base(settings.student, four_bit=False)
+    info = {
+        "settings": asdict(settings),
+        "fingerprint": mark,
+        "quantized_4bit": use_4bit(settings),
+        "resumed_from": str(checkpoint),
+        "global_step": state["global_step"],
+        "training_loss": sum(losses) / len(losses) if losses else float("nan"),  # the mean step loss, as logged
+        "trainable_parameters": {
+            "trainable": trainable,
+            "total": trainable + sum(p.numel() for p in base.parameters()),
+        },
+        "processes": 1,
+    }
+    if not main:
+        return {**info, "main_process": False}
+    validation = Path(pairs_dir) / "validation.jsonl"
+    has_eval = validation.is_file() and validation.stat().st_size > 0
+    args = dpo_config(settings, run_folder / "model" / "checkpoints", use_4bit(settings), has_eval)
+
+    def copy_adapter(target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for f in checkpoint.iterdir():
+            if f.is_file() and f.name not in CHECKPOINT_ONLY:
+                shutil.copy2(f, target / f.name)
+
+    _save(run_folder, info, state.get("log_history", []), args.to_json_string(), copy_adapter)
+    return {**info, "main_process": True}
+
+
+CHECKPOINT_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 
 
 def trainable_parameters(model: Any) -> dict[str, int]:

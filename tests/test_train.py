@@ -105,22 +105,108 @@ def test_margins_rise_on_the_training_pairs(trained, pairs_dir):
     assert sum(after) > sum(before)
 
 
+class _StopAt:
+    """A callback that kills the training (as a kill would, with an exception) once checkpoint `step` is saved."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        stop = step
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == stop:
+                    raise KeyboardInterrupt(f"stopped after checkpoint {stop}")
+
+        self.callback = Callback()
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.slow
-def test_an_interrupted_training_resumes_from_its_checkpoint(pairs_dir, tmp_path):
-    train(pairs_dir, tmp_path, TrainSettings(max_steps=2, **FAST))
-    assert last_checkpoint(tmp_path).endswith("checkpoint-2")
+def test_an_interrupted_training_resumes_to_the_adapter_of_an_uninterrupted_one(trained, pairs_dir, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST), callbacks=[_StopAt(2).callback])
+    assert last_checkpoint(tmp_path).endswith("checkpoint-2") and not (tmp_path / "model" / "adapter").exists()
     info = train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST))
     assert info["resumed_from"].endswith("checkpoint-2") and info["global_step"] == 4
     log = json.loads((tmp_path / "train" / "log_history.json").read_text())
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    assert _same_weights(tmp_path, trained[0])
+
+
+@pytest.mark.slow
+def test_a_finished_training_is_recognised_and_not_repeated(trained, pairs_dir):
+    run, first = trained
+    before = {p: p.stat().st_mtime_ns for p in (run / "model").rglob("*.safetensors")}
+    again = train(pairs_dir, run, TrainSettings(max_steps=4, **{**FAST, "merge_adapter": True}))
+    assert again["reused"] and again["global_step"] == 4 and again["training_loss"] == first["training_loss"]
+    assert {p: p.stat().st_mtime_ns for p in (run / "model").rglob("*.safetensors")} == before  # nothing written
+    record = json.loads((run / "model" / "adapter" / "fclib_training.json").read_text())
+    assert record["settings"]["merge_adapter"] is True  # a setting that leaves the weights as they are follows
+
+
+@pytest.mark.slow
+def test_a_checkpoint_at_the_last_step_is_the_result_without_another_step(trained, pairs_dir, tmp_path):
+    """Killed after the last step, before the adapter was saved: the last checkpoint is the result (resuming there,
+    the Trainer took a fifth step of four)."""
+    import shutil
+
+    shutil.copytree(trained[0] / "model" / "checkpoints", tmp_path / "model" / "checkpoints")
+    info = train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST))
+    assert info["global_step"] == 4 and info["resumed_from"].endswith("checkpoint-4")
+    assert _same_weights(tmp_path, trained[0])
+    log = json.loads((tmp_path / "train" / "log_history.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    assert info["trainable_parameters"] == trained[1]["trainable_parameters"]
+
+
+@pytest.mark.slow
+def test_checkpoints_of_other_settings_or_pairs_or_cut_short_are_set_aside(trained, pairs_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(KeyboardInterrupt):
+        train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST), callbacks=[_StopAt(2).callback])
+    (tmp_path / "model" / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')  # cut
+    info = train(pairs_dir, tmp_path, TrainSettings(max_steps=4, **FAST))
+    assert info["resumed_from"] is None and _same_weights(tmp_path, trained[0])  # afresh, to the same adapter
+    assert [p.name.split("-20")[0] for p in (tmp_path / "model" / "set-aside").iterdir()] == ["checkpoint-2"]
+
+    changed = TrainSettings(max_steps=4, **{**FAST, "learning_rate": 1e-3})
+    info = train(pairs_dir, tmp_path, changed)
+    assert info["resumed_from"] is None and not info.get("reused")  # neither resumed nor taken as finished
+    record = json.loads((tmp_path / "model" / "adapter" / "fclib_training.json").read_text())
+    assert record["settings"]["learning_rate"] == 1e-3 and record["fingerprint"]["settings"]["learning_rate"] == 1e-3
+    assert not _same_weights(tmp_path, trained[0])
+    assert any(p.name.startswith("checkpoints-") for p in (tmp_path / "model" / "set-aside").iterdir())
+
+    other_pairs = tmp_path / "other-pairs"
+    shutil.copytree(pairs_dir, other_pairs)
+    rows = (other_pairs / "train.jsonl").read_text().splitlines(keepends=True)
+    (other_pairs / "train.jsonl").write_text("".join(rows[:-1]))  # one pair fewer
+    info = train(other_pairs, tmp_path, changed)
+    assert info["resumed_from"] is None and not info.get("reused")
 
 
 def test_clear_errors(pairs_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization='none'"):
             train(pairs_dir, tmp_path, TrainSettings(quantization="4bit", **FAST))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(pairs_dir, tmp_path, TrainSettings(**{**FAST, "student": str(tmp_path / "no-model")}))
+    with pytest.raises(ValueError, match="student: '.*no-model' is not a folder"):  # before anything loads
+        TrainSettings(**{**FAST, "student": str(tmp_path / "no-model")})
+    with pytest.raises(ValueError, match="neither 'embedded', 'tiny', a local folder nor a hub id"):
+        TrainSettings(**{**FAST, "student": "x y"})
+    with pytest.raises(ValueError, match=r"lora_dropout is a probability in \[0, 1\), not 2"):
+        TrainSettings(**{**FAST, "lora_dropout": 2})
     with pytest.raises(ValueError, match="shorter than the longest prompt"):
         train(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_length": 64}))
     empty = tmp_path / "empty"

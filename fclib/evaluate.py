@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from fclib import runs
 from fclib.agent import OUTCOMES, outcome_counts
 from fclib.backends.endpoint import OpenAIBackend, url_fault
 from fclib.chains import set_aside_counts
@@ -474,5 +475,5 @@ def write_report(
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).as_posix()})" for f in figures]
     lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump(dict(params), sort_keys=False).strip(), "```", ""]
     path = run_folder / "report.md"
-    path.write_text("\n".join(lines))
+    runs.write_atomic(path, "\n".join(lines))
     return path

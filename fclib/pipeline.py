@@ -210,9 +210,15 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     go_offline_unless_needed(params)
     try:
         run_folder = runs.run_folder(params["run_name"])
+        (run_folder / "notebooks").mkdir(exist_ok=True)
+    except OSError as e:  # read-only, not a folder, no permission
+        raise SystemExit(
+            f"cannot write to {e.filename or runs.outputs_root()}: {e.strerror}. Make it writable, or set "
+            "FCLIB_OUTPUTS to a folder you can write to"
+        ) from None
+    try:
         with runs.lock_run(run_folder, f"pipeline {params['run_name']}"):
             _check_skipped(run_folder, params, todo)
-            (run_folder / "notebooks").mkdir(exist_ok=True)
             runs.write_yaml(run_folder / "params.yaml", params)
             runs.write_json(run_folder / "env.json", environment())
             os.environ.pop(NOTEBOOK_PROFILE_ENV, None)  # the kernels papermill starts use the injected parameters
@@ -222,11 +228,6 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
                 _run_notebook(pm, nb, params, run_folder, f"[{i}/{len(todo)}]")
     except runs.RunInUse as e:
         raise SystemExit(str(e)) from None
-    except PermissionError as e:
-        raise SystemExit(
-            f"cannot write to {e.filename or runs.outputs_root()}: {e.strerror}. Make it writable, or set "
-            "FCLIB_OUTPUTS to a folder you can write to"
-        ) from None
     return run_folder
 
 

@@ -190,7 +190,7 @@ def read_mapping(path: str | Path) -> dict[str, Any] | None:
         text = path.read_bytes().decode("utf-8")
         value = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as e:
-        raise UnreadableFile(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UnreadableFile(f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     if not isinstance(value, dict):
         raise UnreadableFile(f"{path} is unreadable (it holds {type(value).__name__}, not a mapping)")
     return value
@@ -219,7 +219,7 @@ def read_record_file(path: str | Path) -> dict[str, Any]:
 # however it ends, so a killed run never leaves a stale lock behind.
 LOCK_FILE = ".lock"
 HELD_BY_ENV = "FCLIB_HELD_BY"  # "<pid>:<folder>" of the pipeline that holds a run, for the kernels it starts
-_held: dict[Path, list[Any]] = {}  # folder -> [file descriptor, times taken] of the locks this process holds
+_held: dict[Path, list[Any]] = {}  # folder -> [file descriptor, times taken, shared] of the locks held here
 _notebook_hold: list[Path] = []  # the run a notebook kernel holds (one at a time)
 
 
@@ -243,7 +243,7 @@ def _take(folder: Path, shared: bool, what: str) -> None:
         _held[folder][1] += 1
         return
     if fcntl is None:  # not a POSIX system: no lock, as before
-        _held[folder] = [None, 1]
+        _held[folder] = [None, 1, shared]
         return
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -259,7 +259,7 @@ def _take(folder: Path, shared: bool, what: str) -> None:
         info = json.dumps({"pid": os.getpid(), "what": what, "since": since})
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
-    _held[folder] = [fd, 1]
+    _held[folder] = [fd, 1, shared]
 
 
 def _drop(folder: Path) -> None:
@@ -271,6 +271,8 @@ def _drop(folder: Path) -> None:
     if entry[1] == 0:
         del _held[folder]
         if entry[0] is not None:
+            if not entry[2]:
+                os.ftruncate(entry[0], 0)  # no longer this process's: a later refusal must not name it
             os.close(entry[0])  # closing the descriptor releases the lock
 
 

@@ -136,11 +136,23 @@ def _outputs(run: Path, nn: str) -> dict[str, object]:
     return {"results": _records(run / "eval" / "results.jsonl"), "metrics": (run / "eval" / "metrics.json").read_text()}
 
 
-@pytest.mark.slow
-def test_every_notebook_killed_at_several_points_reruns_to_the_same_outputs(tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = subprocess.run(_command(), env=_env(reference), capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """A run never interrupted (its outputs folder; the run is `smoke` inside it)."""
+    outputs = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(_command(), env=_env(outputs), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return outputs
+
+
+def _copy(reference: Path, tmp_path: Path) -> Path:
+    shutil.copytree(reference / "smoke", tmp_path / "smoke")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_every_notebook_killed_at_several_points_reruns_to_the_same_outputs(reference, tmp_path):
+    killed = tmp_path / "killed"
     for nn, points in KILL_POINTS.items():
         landed = 0
         for trigger in points:
@@ -189,3 +201,86 @@ def test_the_served_teacher_dies_with_the_pipeline(tmp_path, sig):
     assert not alive, f"outlived the pipeline ({sig.name}): {[p.cmdline()[:4] for p in alive]}"
     assert not (_server_processes() - before)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _papermill(notebook: str, outputs: Path, **parameters: object) -> subprocess.CompletedProcess:
+    """A notebook run as JupyterLab would run it: no profile variable, the cell's defaults but what is given."""
+    env = {k: v for k, v in _env(outputs).items() if k != "FCLIB_NOTEBOOK_PROFILE"}
+    code = (
+        "import sys, papermill as pm; "
+        f"pm.execute_notebook({str(PROJECT_ROOT / 'notebooks' / notebook)!r}, sys.argv[1], parameters={parameters!r}, "
+        f"kernel_name='fclib', cwd={str(PROJECT_ROOT / 'notebooks')!r}, progress_bar=False)"
+    )
+    out = outputs / "executed.ipynb"
+    return subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_notebook_opened_for_a_run_uses_that_runs_parameters(reference, tmp_path):
+    """Retyping run_name in notebook 03 (its other parameters at the cpu profile's defaults) rebuilds the run's
+    pairs with the run's own parameters; a value that contradicts the run's pairs is refused with the difference."""
+    outputs = _copy(reference, tmp_path)
+    before = (outputs / "smoke" / "pairs" / "train.jsonl").read_bytes()
+    done = _papermill("03_build_preference_pairs.ipynb", outputs, run_name="smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (outputs / "smoke" / "pairs" / "train.jsonl").read_bytes() == before
+    assert "parameters of run 'smoke'" in (outputs / "executed.ipynb").read_text()
+
+    refused = _papermill("03_build_preference_pairs.ipynb", outputs, run_name="smoke", pair_strategy="all")
+    assert refused.returncode != 0 and "RunParametersError" in refused.stderr
+    assert "pair_strategy: 'first_divergence' in the run, 'all' here (pairs/ made with the first)" in refused.stderr
+    assert (outputs / "smoke" / "pairs" / "train.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_changing_the_problems_under_a_run_name_keeps_every_notebook_to_the_current_ones(reference, tmp_path):
+    from fclib.problems import read_problems
+
+    outputs = _copy(reference, tmp_path)
+    done = subprocess.run(_command("-p", "fol_train=2"), env=_env(outputs), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = outputs / "smoke"
+    train = {p.id for p in read_problems(run / "problems" / "train.jsonl")}
+    assert sum(i.startswith("fol") for i in train) == 2
+    summary = json.loads((run / "chains" / "summary.json").read_text())
+    assert summary["yield"]["teacher"]["fol"]["problems"] == 2  # the chains of the dropped problem stay out
+    pairs = [json.loads(line) for line in jsonl_lines((run / "pairs" / "train.jsonl").read_bytes()) if line]
+    assert pairs and {p["problem_id"] for p in pairs} <= train
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_run_folder_is_refused_in_one_line(tmp_path):
+    first = subprocess.Popen(
+        _command("--to", "02"), env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    lock = tmp_path / "smoke" / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and str(first.pid) in lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(_command(), env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    still = first.poll() is None
+    first.kill()
+    first.wait(30)
+    for p in psutil.Process().children(recursive=True):
+        p.kill()
+    assert still, "the first run ended before the second started"
+    assert second.returncode == 1
+    (line,) = second.stderr.strip().splitlines()
+    assert f"is in use by process {first.pid} (pipeline smoke" in line and "choose another run name" in line
+
+
+@pytest.mark.slow
+def test_a_dead_kernel_is_one_message_not_a_traceback(tmp_path):
+    proc = subprocess.Popen(
+        _command("--to", "01"), env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline, kernel = time.monotonic() + 120, None
+    while kernel is None and time.monotonic() < deadline and proc.poll() is None:
+        kernel = next((p for p in _tree(proc)[1:] if "ipykernel_launcher" in " ".join(p.cmdline())), None)
+        time.sleep(0.2)
+    assert kernel is not None, "no kernel started"
+    time.sleep(2)
+    kernel.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "01_define_tools.ipynb: the notebook's kernel died" in err and "Traceback" not in err, err[-2000:]

@@ -66,7 +66,8 @@ def test_null_values_bad_run_names_and_pasted_keys_get_one_line_messages(capsys)
     with pytest.raises(SystemExit, match=r"request_timeout must be > 0 seconds"):
         pipeline.main(["--profile", "smoke", "-p", "request_timeout=0"])
     secret = "sk-proj-" + "A1b2C3d4" * 6
-    for value in (secret, "sk_live_" + "x9" * 12, "hf_" + "Ab3" * 10, "my key", "1ABC", "A" * 80):
+    shaped = ("d41d8cd98f00b204e9800998ecf8427e", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "AKIAIOSFODNN7EXAMPLE")
+    for value in (secret, "sk_live_" + "x9" * 12, "hf_" + "Ab3" * 10, "my key", "1ABC", "A" * 80, *shaped):
         with pytest.raises(SystemExit, match="NAME of an environment variable") as refused:
             pipeline.load_profile("cpu", {"teacher_api_key_env": value})
         assert value not in str(refused.value)
@@ -311,3 +312,88 @@ def test_peak_gpu_memory_is_sampled_where_nvidia_smi_is(tmp_path, monkeypatch):
     with pipeline.PeakMemory(interval=0.05) as peak:
         time.sleep(0.1)
     assert peak.peak_gpu_gib is None
+
+
+def test_every_command_line_value_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path))
+    for flag, value in (("--from", "../../x"), ("--to", "7"), ("--from", "3a"), ("--from", "06")):
+        with pytest.raises(SystemExit, match=f"{flag} takes the number of a study notebook"):
+            pipeline.main(["--profile", "smoke", flag, value])
+    with pytest.raises(SystemExit, match="--to 02 comes before --from 04"):
+        pipeline.main(["--profile", "smoke", "--from", "04", "--to", "02"])
+    for name in ("../profiles/cpu", "/etc/passwd", "cpu.yaml", ""):
+        with pytest.raises(SystemExit, match="no profile"):
+            pipeline.main(["--profile", name])
+    for key in ("temperature", "learning_rate", "beta", "request_timeout", "eval_temperature"):
+        for value in (".nan", ".inf", "-.inf"):
+            with pytest.raises(SystemExit, match=f"{key} must be a finite number"):
+                pipeline.main(["--profile", "smoke", "-p", f"{key}={value}"])
+    with pytest.raises(SystemExit, match=r"lora_dropout is a probability in \[0, 1\)"):
+        pipeline.main(["--profile", "smoke", "-p", "lora_dropout=2"])
+    for key, value in (("student", "x y"), ("teacher", "a/b/c")):
+        with pytest.raises(SystemExit, match=f"{key}: .* is"):
+            pipeline.main(["--profile", "smoke", "-p", f"{key}={value}"])
+    url = "https://user:sk-secret@example.org/v1"
+    with pytest.raises(SystemExit, match="teacher_url must not carry credentials") as refused:
+        pipeline.main(["--profile", "smoke", "-p", f"teacher_url={url}", "-p", "teacher=gpt"])
+    assert "sk-secret" not in str(refused.value)
+    assert not list(tmp_path.iterdir()), "nothing may be written before the values are checked"
+
+
+def test_an_outputs_folder_that_cannot_be_written_is_one_message(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "a-file" / "outputs"))
+    with pytest.raises(SystemExit, match="cannot write to .*a-file"):
+        pipeline.main(["--profile", "smoke", "--to", "01"])
+
+
+def _a_run(tmp_path, monkeypatch, **overrides):
+    """A run folder as the pipeline leaves it after notebooks 01-03 (their results, without running them)."""
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path))
+    monkeypatch.delenv(pipeline.NOTEBOOK_PROFILE_ENV, raising=False)
+    params = pipeline.load_profile("smoke", overrides)
+    run = tmp_path / "smoke"
+    for folder in ("problems", "chains", "pairs"):
+        (run / folder).mkdir(parents=True)
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+    return run, params
+
+
+def test_a_notebook_follows_its_runs_parameters_and_refuses_to_contradict_its_results(tmp_path, monkeypatch, capsys):
+    from fclib.profiles import RunParametersError, run_parameters
+
+    run, params = _a_run(tmp_path, monkeypatch)
+    defaults = pipeline.notebook_parameters()  # a notebook's cell as it opens in JupyterLab: the cpu profile's
+    cell = {k: defaults[k] for k in ("seed", "student", "pair_strategy", "use_reference", "max_length")}
+    namespace = {"run_name": "smoke", **cell, "other": 1}
+    run_parameters(namespace)
+    assert namespace == {"run_name": "smoke", **{k: params[k] for k in cell}, "other": 1}  # the run's, not the cell's
+    assert "parameters of run 'smoke'" in capsys.readouterr().out
+
+    for key, value in (("pair_strategy", "all"), ("student", "embedded"), ("seed", 3)):
+        namespace = {"run_name": "smoke", **cell, key: value}
+        if value == defaults[key]:  # the cell's default: the run's value is taken, whatever the cell says
+            continue
+        with pytest.raises(RunParametersError, match=f"{key}: {params[key]!r} in the run, {value!r} here"):
+            run_parameters(namespace)
+    assert yaml.safe_load((run / "params.yaml").read_text()) == params  # and nothing changed
+
+    namespace = {"run_name": "smoke", "beta": 0.3, "seed": params["seed"]}  # notebook 04, no adapter yet
+    run_parameters(namespace)
+    assert yaml.safe_load((run / "params.yaml").read_text())["beta"] == 0.3  # the run's value from now on
+    (run / "model").mkdir()
+    with pytest.raises(RunParametersError, match=r"beta: 0.3 in the run, 0.5 here \(model/ made with the first\)"):
+        run_parameters({"run_name": "smoke", "beta": 0.5})
+
+    run_parameters({"run_name": "fresh", "k": 4, "seed": 2})  # a new run opened in a notebook gets a params.yaml
+    fresh = yaml.safe_load((tmp_path / "fresh" / "params.yaml").read_text())
+    assert (fresh["k"], fresh["seed"], fresh["run_name"]) == (4, 2, "fresh") and set(fresh) == set(params)
+
+
+def test_starting_past_a_notebook_whose_parameters_changed_is_refused(tmp_path, monkeypatch):
+    run, params = _a_run(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit, match=r"--from 03 skips notebooks .*\n- k: 2 in the run, 3 here \(chains/"):
+        pipeline.run({**params, "k": 3}, start="03")
+    with pytest.raises(SystemExit, match=r"- fol_train: 6 in the run, 2 here \(problems/"):
+        pipeline.run({**params, "fol_train": 2}, start="02")
+    assert yaml.safe_load((run / "params.yaml").read_text()) == params  # refused before anything was written

@@ -148,6 +148,42 @@ def test_only_runs_the_matching_runs_and_leaves_the_others_for_later(tmp_path, m
         sweep.main(["--profile", "smoke", "--seeds", "0", "--name", "grid2", "--only", "paper-*"])
 
 
+def test_a_cut_record_is_set_aside_a_cut_run_named_and_a_second_sweep_refused(tmp_path, monkeypatch, caplog):
+    from fclib import pipeline, runs
+
+    monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
+    folder = tmp_path / "out" / "grid"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text('{"name": "gr')  # a kill during a write that was not atomic
+    s = sweep.Sweep("grid", "smoke", sweep.grid([0]), {})
+    assert [r["status"] for r in s.state["runs"]] == ["planned"] and "sweep.json is unreadable" in caplog.text
+    assert (folder / "sweep.json.unreadable").read_text() == '{"name": "gr'
+
+    (folder / "s0").mkdir()
+    (folder / "s0" / "params.yaml").write_text("seed: [0,\n")
+    with pytest.raises(SystemExit, match=r"s0/params.yaml is unreadable .*remove .*s0"):
+        sweep.done_notebooks(folder / "s0", pipeline.load_profile("smoke", {"run_name": "s0"}))
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time; from fclib import runs; h = runs.lock_run({str(folder)!r}, 'sweep grid')"
+            "; h.__enter__(); print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"grid is in use by process {holder.pid} \\(sweep grid"):
+            sweep.main(["--profile", "smoke", "--seeds", "0", "--name", "grid", "--no-compare"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runs.LOCK_FILE in sweep.RUN_FILES  # a run folder's lock is no stage's output
+
+
 def _table(both, base_only, dpo_only, neither):
     return {"both": both, "base_only": base_only, "other_only": dpo_only, "neither": neither}
 

@@ -328,11 +328,15 @@ def run_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     chosen = {k: v for k, v in cell.items() if v != defaults[k] and v != saved[k]}  # what the cell sets otherwise
     conflicts = changed_under(folder, saved, {**saved, **chosen})
     if conflicts:
+        declared = declared_parameters()
+        first = min(nn for nn in declared for key in chosen if key in declared[nn])
+        given = " ".join(f"-p {k}={json.dumps(v)}" for k, v in chosen.items())
         raise RunParametersError(
             f"run {namespace['run_name']!r} ({path}) holds results made with other values than this notebook's:\n- "
             + "\n- ".join(conflicts)
-            + "\nTo follow the run, set them back (or restart the kernel); to try other values, start another run: "
-            "a new run_name, or ./study.sh --run-name NAME -p KEY=VALUE"
+            + "\nTo follow the run, set them back (or restart the kernel). To try these values, start another run "
+            f"(another run_name here, or ./study.sh --run-name NEW {given}), or redo this run from notebook {first}: "
+            f"./study.sh --run-name {namespace['run_name']} --from {first} {given} (and the run's profile and -p)"
         )
     taken = {k: saved[k] for k in keys if cell[k] == defaults[k] and cell[k] != saved[k]}
     namespace.update(taken)

@@ -284,3 +284,23 @@ def test_a_dead_kernel_is_one_message_not_a_traceback(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "01_define_tools.ipynb: the notebook's kernel died" in err and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_teacher_reply_holding_line_separators_does_not_stop_notebook_02(reference, tmp_path):
+    """U+2028, U+2029 or U+0085 in a reply once made notebook 02 fail on every rerun: it split lines as
+    `str.splitlines` does, the writer only at \\n."""
+    from fclib.runs import jsonl_line
+
+    outputs = _copy(reference, tmp_path)
+    path = outputs / "smoke" / "chains" / "chains.jsonl"
+    records = [json.loads(raw) for raw in jsonl_lines(path.read_bytes()) if raw.strip()]
+    teacher = next(r for r in records if r["source"] == "teacher")
+    turn = teacher["messages"][teacher["n_prompt"]]
+    turn["content"] = "\u2028".join([turn["content"], "\u2029", "\u0085"])
+    path.write_text("".join(jsonl_line(r) for r in records))
+    done = subprocess.run(
+        _command("--from", "02", "--to", "02"), env=_env(outputs), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\u2028" in path.read_text() and not list(path.parent.glob("*.damaged"))

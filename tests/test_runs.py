@@ -36,7 +36,8 @@ def test_a_reply_holding_any_line_separator_is_one_record_everywhere(tmp_path):
     folder.mkdir()
     question = "Tom has 3\u2028apples and\u2029buys 2 more.\u0085How many?"
     for split in ("train", "test"):
-        (folder / f"{split}.jsonl").write_text(json.dumps({"question": question, "answer": "3 + 2 = 5\n#### 5"}) + "\n")
+        record = {"question": question, "answer": "3 + 2 = 5\n#### 5"}
+        (folder / f"{split}.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")  # raw, not escaped
     (loaded,) = gsm8k.load("test", str(folder))
     assert loaded.question == question
 

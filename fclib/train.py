@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+from safetensors import safe_open
 
 from fclib import checkpoints, runs
 from fclib.fast.completion_scoring import completion_only_scoring
@@ -356,8 +357,6 @@ def _finish_from(
     """The training's result from its checkpoint at the last step (a run killed after the last step, before the
     adapter was written): that checkpoint's adapter, tokenizer and log, without another step (resuming there,
     transformers' Trainer would take one more)."""
-    from safetensors import safe_open
-
     losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
     with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
         trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())

@@ -13,7 +13,7 @@ from fclib.runs import PROJECT_ROOT
 
 LAYERS = [  # earlier first; a module may import only from earlier layers or from its own package
     {"runs", "settings"},
-    {"problems", "protocol", "models", "fast"},
+    {"problems", "protocol", "models", "fast", "checkpoints"},
     {"tools", "backends"},
     {"agent"},
     {"tasks"},

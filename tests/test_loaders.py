@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fclib import pipeline
+from fclib import profiles as profiles_
 from fclib.agent import AgentConfig
 from fclib.backends.scripted import ScriptedBackend
 from fclib.chains import DamagedLedger, generate, read_chains
@@ -198,7 +199,7 @@ def test_problem_files_of_any_encoding_fault_name_the_line(tmp_path):
 def profiles(tmp_path, monkeypatch):
     folder = tmp_path / "profiles"
     shutil.copytree(pipeline.PROFILES, folder)
-    monkeypatch.setattr(pipeline, "PROFILES", folder)
+    monkeypatch.setattr(profiles_, "PROFILES", folder)
     return folder
 
 

@@ -326,11 +326,12 @@ def run_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     saved = {**defaults, **saved}  # a parameter newer than the run: its default is what the run ran with
     cell = {k: namespace[k] for k in keys}
     chosen = {k: v for k, v in cell.items() if v != defaults[k] and v != saved[k]}  # what the cell sets otherwise
-    conflicts = changed_under(folder, saved, {**saved, **chosen})
-    if conflicts:
+    conflicting = {k: v for k, v in chosen.items() if changed_under(folder, saved, {**saved, k: v})}
+    if conflicting:
+        conflicts = changed_under(folder, saved, {**saved, **conflicting})
         declared = declared_parameters()
-        first = min(nn for nn in declared for key in chosen if key in declared[nn])
-        given = " ".join(f"-p {k}={json.dumps(v)}" for k, v in chosen.items())
+        first = min(nn for nn in declared for key in conflicting if key in declared[nn])
+        given = " ".join(f"-p {k}={json.dumps(v)}" for k, v in conflicting.items())
         raise RunParametersError(
             f"run {namespace['run_name']!r} ({path}) holds results made with other values than this notebook's:\n- "
             + "\n- ".join(conflicts)

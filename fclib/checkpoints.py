@@ -110,6 +110,7 @@ def _set_aside(path: Path, model_dir: Path, why: str) -> None:
     """Move `path` into `<model_dir>/set-aside/`, named by when, saying why."""
     aside = model_dir / "set-aside"
     aside.mkdir(parents=True, exist_ok=True)
-    target = aside / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    stamp = f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = next(aside / f"{stamp}-{n}" for n in range(1, 10**6) if not (aside / f"{stamp}-{n}").exists())
     os.replace(path, target)
     log.warning("%s: %s; set aside in %s", path, why, target)

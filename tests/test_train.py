@@ -540,3 +540,14 @@ def test_a_served_dpo_student_gives_the_chains_of_the_in_process_one(trained, tm
     assert all(r["outcome"] != "error" for r in there), [r["reason"] for r in there]
     assert [r["messages"] for r in there] == [r["messages"] for r in here]
     assert [r["outcome"] for r in there] == [r["outcome"] for r in here]
+
+
+def test_what_is_set_aside_twice_in_one_second_is_kept_twice(tmp_path):
+    from fclib import checkpoints
+
+    for content in ("first", "second"):
+        (tmp_path / "model" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "model" / "checkpoints" / "note").write_text(content)
+        checkpoints.set_aside_all(tmp_path / "model" / "checkpoints")
+    kept = sorted((p / "note").read_text() for p in (tmp_path / "model" / "set-aside").iterdir())
+    assert kept == ["first", "second"]

@@ -187,8 +187,12 @@ def run_chains(
     bar = progress_bar(total=len(states), desc="chains", unit="chain", disable=not progress)
     grammars = {id(s): s.toolset.grammar() for s in states} if config.grammar else {}  # one per chain, made once
 
+    forget = getattr(backend, "forget", None)  # a backend that keeps each conversation's keys and values
+
     def ended(state: _State) -> None:
         bar.update(1)
+        if forget is not None:
+            forget([state.chain.messages])
         if on_done is not None:
             on_done(state.chain)
 

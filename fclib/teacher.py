@@ -238,6 +238,7 @@ def sample_steps(
                 grammars=tuple(TASKS[ref["task"]].toolset(by_id[ref["problem_id"]]).grammar() for ref, *_ in chunk)
                 if config.grammar
                 else (),
+                remember=False,  # each of these conversations is sent once
             )
             try:
                 replies = backend.chat(

@@ -81,3 +81,33 @@ def test_grouped_head_attention_gives_the_same_logits_on_a_padded_batch():
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix([], [1]) == 0 and common_prefix((1, 2), [1, 2]) == 2
+
+
+def _held(backend: LocalBackend) -> int:
+    """Row positions of the tensors the cache's conversations keep alive (each counted once)."""
+    held: dict[int, int] = {}
+    for entry in backend.kv.entries.values():
+        held.update(entry.storages())
+    return sum(held.values())
+
+
+def test_the_cache_keeps_each_conversations_own_positions_and_nothing_of_ended_or_one_off_ones(model_and_tokenizer):
+    """It once kept whole padded batch tensors alive through views (6 GiB of 7.5 in notebook 02), and every
+    conversation until the memory bound dropped it."""
+    from fclib.agent import AgentConfig, run_chains
+    from fclib.tasks import TASKS, fol
+
+    model, tok = model_and_tokenizer
+    backend = LocalBackend(model, tok, batch_size=2)
+    _run_chains(backend)  # three conversations of different lengths, two rows a batch, three turns
+    own = sum(len(e.ids) for e in backend.kv.entries.values())
+    shared = max(len(prefix) for prefix in backend.kv.shared)
+    assert own - 2 * shared <= _held(backend) <= own  # the shared system prompt is kept once, not per conversation
+
+    backend.clear_cache()
+    chains = run_chains(backend, TASKS, fol.generate(3, seed=5, nmax=4), AgentConfig(max_steps=2), progress=False)
+    assert all(c.done for c in chains) and not backend.kv.entries  # forgotten as their chains ended
+
+    once = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    backend.chat(once, GenerationSettings(max_tokens=4, remember=False))
+    assert not backend.kv.entries

@@ -54,6 +54,9 @@ class GenerationSettings:
     # One grammar per conversation (Lark, `Toolset.grammar`), or none: constrained decoding, for
     # backends whose `constrained_decoding` is True (the local one).
     grammars: tuple[str | None, ...] = ()
+    # Whether a backend that keeps each conversation's keys and values for its next turn (the local one)
+    # keeps these: False for conversations sent once (the replies at the steps of reference chains).
+    remember: bool = True
 
     def seed_of(self, i: int) -> int:
         """The seed of conversation i."""

@@ -152,6 +152,11 @@ class LocalBackend:
     def clear_cache(self) -> None:
         self.kv.clear()
 
+    def forget(self, conversations: Sequence[list[Message]]) -> None:
+        """Drop the keys and values kept for conversations that will not be sent again (their chains ended)."""
+        for c in conversations:
+            self.kv.forget(id(c))
+
     def chat(
         self, conversations: Sequence[list[Message]], settings: GenerationSettings, tools: list[dict] | None = None
     ) -> list[Reply]:
@@ -233,16 +238,16 @@ class LocalBackend:
         new = out.sequences[:, C + N :].tolist()
         stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
         lengths = [next((i for i, t in enumerate(row) if t in stops), len(row)) for row in new]
-        if self.prefix_cache and out.cache is not None:
+        if self.prefix_cache and settings.remember and out.cache is not None:
             layers = [(layer.keys, layer.values) for layer in out.cache.layers]
             in_cache = layers[0][0].shape[2] - (C + N)  # generated tokens with keys/values (all but the last)
             for i, (r, key) in enumerate(zip(rows, keys)):
                 # The prompt and the reply: the next turn re-sends the reply, so its tokens are
-                # reused too, as far as re-tokenising the text gives the same ids. Positions:
-                # the reused prefix [C - c, C), then the new prompt tokens and the reply.
+                # reused too, as far as re-tokenising the text gives the same ids. The reused prefix
+                # is kept as the spans it came from; the new prompt tokens and the reply are copied.
                 c, n = cached[i], min(lengths[i], in_cache)
-                spans = [Span(layers, i, C - c, C), Span(layers, i, C + N - (len(r) - c), C + N + n)]
-                self.kv.store(key, list(r) + new[i][:n], spans)
+                own = Span(layers, i, C + N - (len(r) - c), C + N + n)
+                self.kv.store(key, list(r) + new[i][:n], reuse[i][1], c, own)
             self.kv.evict()
         self.kv.stats["prompt_tokens"] += sum(len(r) for r in rows)
         self.kv.stats["reused_tokens"] += sum(cached)

@@ -9,9 +9,10 @@ and every chain of a task starts with the same ~800 tokens (system message, demo
 - per task, the prefix that new conversations share, computed once (`share_prefixes`).
 
 Reuse is decided on token ids alone (the longest common prefix), so it changes how much is
-computed, never what. Entries are views of the batch tensors they were computed in, not
-copies; the memory bound (`max_tokens`) counts those tensors, and the least recently used
-conversations are dropped first.
+computed, never what. Entries are copies of their conversation's own positions (a view would
+keep its whole padded batch alive); a conversation is forgotten when its chain ends, a prompt
+sent once is never kept (`GenerationSettings.remember`), and the memory bound (`max_tokens`,
+in row positions) drops the least recently used conversations first.
 
 Two CPU costs of transformers' generation loop are avoided as well: `batch_cache` allocates
 each layer's keys/values once per call with room for the whole reply (`DynamicLayer`
@@ -57,6 +58,17 @@ class Cached:
                 break
             dest[:, at : at + take] = s.layers[layer][part][s.row, :, s.start : s.start + take]
             at += take
+
+    def head(self, n: int) -> list[Span]:
+        """The spans of the first n positions."""
+        out, at = [], 0
+        for s in self.spans:
+            take = min(s.stop - s.start, n - at)
+            if take <= 0:
+                break
+            out.append(Span(s.layers, s.row, s.start, s.start + take))
+            at += take
+        return out
 
     def storages(self) -> dict[int, int]:
         """The batch tensors this entry keeps alive: storage address -> size in row positions."""
@@ -167,10 +179,28 @@ class PrefixCache:
         cache.layers = [buffer_layer()(capacity, keys, values, C) for keys, values in layers]
         return cache
 
-    def store(self, key: int, ids: Sequence[int], spans: list[Span]) -> None:
-        """Remember the keys/values of a conversation's tokens (views, not copies)."""
-        self.entries[key] = Cached(list(ids), [s for s in spans if s.stop > s.start])
-        self.entries.move_to_end(key)
+    def store(self, key: int, ids: Sequence[int], reused: Cached | None, n_reused: int, new: Span) -> None:
+        """Remember a conversation's tokens: the `n_reused` leading positions it reused from `reused`, kept as the
+        spans they are (a shared prefix stays shared by every conversation that starts with it), then its new
+        positions copied out of the batch tensor they were computed in. A view of that tensor would keep the
+        whole padded batch alive: every row, its padding and its unused room."""
+        spans = reused.head(n_reused) if reused is not None else []
+        if new.stop > new.start:
+            own = [
+                (
+                    k[new.row : new.row + 1, :, new.start : new.stop].clone(),
+                    v[new.row : new.row + 1, :, new.start : new.stop].clone(),
+                )
+                for k, v in new.layers
+            ]
+            spans.append(Span(own, 0, 0, new.stop - new.start))
+        if spans:
+            self.entries[key] = Cached(list(ids), spans)
+            self.entries.move_to_end(key)
+
+    def forget(self, key: int) -> None:
+        """Drop a conversation that will not be sent again (its chain ended)."""
+        self.entries.pop(key, None)
 
     def evict(self) -> None:
         """Drop the least recently used conversations until the batch tensors they keep alive

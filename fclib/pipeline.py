@@ -27,20 +27,7 @@ import yaml
 
 from fclib import runs
 from fclib.models import hub_fault, hub_id, in_hub_cache
-from fclib.profiles import (  # noqa: F401 (names of the pipeline's command line, and of earlier versions)
-    NOTEBOOK_PROFILE_ENV,
-    NOTEBOOKS,
-    PIPELINE_PARAMETERS,
-    PROFILES,
-    RECIPES,
-    STAGE_SETTINGS,
-    changed_under,
-    load_profile,
-    notebook_parameters,
-    notebook_profile,
-    notebooks,
-    validate,
-)
+from fclib.profiles import NOTEBOOK_PROFILE_ENV, NOTEBOOKS, changed_under, load_profile, notebooks
 from fclib.runs import PROJECT_ROOT, TEXT_PROGRESS_ENV
 from fclib.tasks import gsm8k
 

@@ -9,7 +9,7 @@ Each stage declares what it reads as a dataclass deriving from `Settings`:
 A field is the run parameter of the same name (profiles/*.yaml, a notebook's parameters cell)
 unless `PARAMETER_NAMES` names another (TrainSettings.max_steps is `train_max_steps`); its
 default is the `cpu` profile's value; `faults()` says what is wrong with the values. Notebooks
-build their settings from `globals()`, the CLI from params.yaml, and `pipeline.validate` from a
+build their settings from `globals()`, the CLI from params.yaml, and `profiles.validate` from a
 profile before anything runs: each value is checked by the stage that uses it, and nowhere else.
 """
 

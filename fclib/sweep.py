@@ -65,7 +65,7 @@ NOT_READ_BY_STUDENT = {"run_name", "eval_models", "dpo_model", "dpo_url"}  # not
 # What --record keeps of a run: its numbers (its report.md shows figures the record does not keep)
 RECORDED = ["params.yaml", "timings.json", "memory.json", "gpu_memory.json", "eval/metrics.json"]
 RECORDED += ["chains/summary.json", "pairs/stats.json"]  # the teacher's yield and the pairs it gave
-COMPARE_NOTEBOOK = pipeline.NOTEBOOKS / "06_compare_runs.ipynb"
+COMPARE_NOTEBOOK = profiles.NOTEBOOKS / "06_compare_runs.ipynb"
 SWEEP_FILE = "sweep.json"
 
 
@@ -191,7 +191,7 @@ def declared_parameters() -> dict[str, set[str]]:
 def saved_parameters(folder: Path) -> dict[str, Any]:
     """A run folder's parameters, with each parameter added to the notebooks since at its default: a new
     parameter's default keeps what the notebooks did before it existed, so that is what the run ran with."""
-    return {**pipeline.notebook_parameters(), **(runs.read_mapping(folder / "params.yaml") or {})}
+    return {**profiles.notebook_parameters(), **(runs.read_mapping(folder / "params.yaml") or {})}
 
 
 def done_notebooks(folder: Path, params: dict[str, Any]) -> list[str]:
@@ -206,7 +206,7 @@ def done_notebooks(folder: Path, params: dict[str, Any]) -> list[str]:
         raise SystemExit(f"{folder} holds a run with other parameters; remove it, or give the sweep another --name")
     timings = runs.read_record_file(folder / "timings.json")
     done = []
-    for nb in pipeline.notebooks():
+    for nb in profiles.notebooks():
         if nb.stem not in timings:
             break
         done.append(nb.name[:2])
@@ -267,7 +267,7 @@ class Sweep:
         self.name, self.profile, self.runs, self.spec, self.record = name, profile, runs_, spec, record
         self.declared = declared_parameters()
         for run in self.runs:  # every run's parameters checked before anything starts
-            run.params = pipeline.load_profile(profile, {**run.overrides, "run_name": run.name})
+            run.params = profiles.load_profile(profile, {**run.overrides, "run_name": run.name})
         self.elsewhere = []  # (folder, parameters) of finished runs of other sweeps (--reuse), also sources
         for where in reuse:
             for params_file in sorted(Path(where).glob("*/params.yaml")):
@@ -382,7 +382,7 @@ class Sweep:
         """
         os.environ["FCLIB_OUTPUTS"] = str(self.folder)  # the runs' folders, for this process and the kernels
         failed = []
-        all_nn = [nb.name[:2] for nb in pipeline.notebooks()]
+        all_nn = [nb.name[:2] for nb in profiles.notebooks()]
         t_sweep = time.perf_counter()
         for i, run in enumerate(self.runs):
             entry, folder = self.state["runs"][i], self.folder / run.name
@@ -482,7 +482,7 @@ class Sweep:
             str(COMPARE_NOTEBOOK),
             str(target),
             parameters={"runs_folder": str(self.folder)},
-            cwd=str(pipeline.NOTEBOOKS),
+            cwd=str(profiles.NOTEBOOKS),
             kernel_name=pipeline.KERNEL,
             progress_bar=False,
         )

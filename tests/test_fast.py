@@ -49,13 +49,13 @@ def test_prefix_sharing_checks_the_cache_it_builds_on(monkeypatch):
 
 
 def test_every_speed_up_is_a_parameter_on_in_every_profile():
-    from fclib import pipeline
+    from fclib import profiles
     from fclib.teacher import TeacherSettings
     from fclib.train import TrainSettings
 
     for name in ("kv_cache", "share_prompt_prefix", "completion_only_scoring"):
         for profile in ("smoke", "workshop", "cpu"):
-            assert pipeline.load_profile(profile)[name] is True
+            assert profiles.load_profile(profile)[name] is True
     for name in ("share_prompt_prefix", "completion_only_scoring"):  # read by training, on by default
         assert TrainSettings.run_parameters()[name] == name and getattr(TrainSettings(), name) is True
         assert getattr(TrainSettings.from_params({name: False}), name) is False

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fclib import pipeline
-from fclib import profiles as profiles_
+from fclib import profiles as fclib_profiles
 from fclib.agent import AgentConfig
 from fclib.backends.scripted import ScriptedBackend
 from fclib.chains import DamagedLedger, generate, read_chains
@@ -198,8 +197,8 @@ def test_problem_files_of_any_encoding_fault_name_the_line(tmp_path):
 @pytest.fixture
 def profiles(tmp_path, monkeypatch):
     folder = tmp_path / "profiles"
-    shutil.copytree(pipeline.PROFILES, folder)
-    monkeypatch.setattr(profiles_, "PROFILES", folder)
+    shutil.copytree(fclib_profiles.PROFILES, folder)
+    monkeypatch.setattr(fclib_profiles, "PROFILES", folder)
     return folder
 
 
@@ -227,7 +226,7 @@ def _edit(folder: Path, old: str, new: str) -> int:
 def test_a_bad_profile_line_is_named(profiles, old, new, words):
     n = _edit(profiles, old, new)
     with pytest.raises(SystemExit) as refused:
-        pipeline.load_profile("cpu")
+        fclib_profiles.load_profile("cpu")
     message = str(refused.value)
     assert words in message, message
     assert f"cpu.yaml, line {n}" in message or f"cpu.yaml, line {n + 1}" in message, message
@@ -239,13 +238,13 @@ def test_a_profile_with_bad_utf8_or_a_missing_parameter_is_named(profiles):
     path.write_bytes(original.replace(b"# Problems", b"# Probl\xe8mes", 1))
     line = original[: original.index(b"# Problems")].count(b"\n") + 1
     with pytest.raises(SystemExit, match=rf"cpu.yaml, line {line}: not valid UTF-8"):
-        pipeline.load_profile("cpu")
+        fclib_profiles.load_profile("cpu")
     path.write_bytes(b"\n".join(x for x in original.split(b"\n") if not x.startswith(b"max_length:")))
     with pytest.raises(SystemExit, match=r"cpu.yaml: parameters missing: max_length"):
-        pipeline.load_profile("cpu")
+        fclib_profiles.load_profile("cpu")
 
 
 def test_every_shipped_profile_passes_the_checks():
-    for path in sorted(pipeline.PROFILES.glob("*.yaml")):
+    for path in sorted(fclib_profiles.PROFILES.glob("*.yaml")):
         overrides = {"teacher_url": "https://api.example.org/v1", "teacher": "big"} if path.stem == "paper" else {}
-        assert pipeline.load_profile(path.stem, overrides)["run_name"]
+        assert fclib_profiles.load_profile(path.stem, overrides)["run_name"]

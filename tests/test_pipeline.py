@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from fclib import pipeline, sweep
+from fclib import pipeline, profiles, sweep
 from fclib.problems import read_problems
 from fclib.runs import PROJECT_ROOT
 from fclib.teacher import REJECTED_VERDICTS, STEP_VERDICTS
@@ -18,11 +18,11 @@ from fclib.teacher import REJECTED_VERDICTS, STEP_VERDICTS
 
 def test_profiles_parse_and_share_their_parameters():
     cpu, smoke, workshop = (
-        pipeline.load_profile("cpu"),
-        pipeline.load_profile("smoke"),
-        pipeline.load_profile("workshop"),
+        profiles.load_profile("cpu"),
+        profiles.load_profile("smoke"),
+        profiles.load_profile("workshop"),
     )
-    paper = pipeline.load_profile("paper", {"teacher_url": "https://api.example.org/v1", "teacher": "big"})
+    paper = profiles.load_profile("paper", {"teacher_url": "https://api.example.org/v1", "teacher": "big"})
     assert set(cpu) == set(smoke) == set(paper) == set(workshop)
     assert cpu["student"] == workshop["student"] == "embedded" and smoke["student"] == "tiny"
     assert workshop["fol_test"] <= cpu["fol_test"] and workshop["train_max_steps"] <= cpu["train_max_steps"]
@@ -31,32 +31,32 @@ def test_profiles_parse_and_share_their_parameters():
 
 def test_impossible_values_fail_before_anything_runs():
     with pytest.raises(SystemExit, match="paper profile needs a teacher endpoint"):
-        pipeline.load_profile("paper")
+        profiles.load_profile("paper")
     with pytest.raises(SystemExit, match=r"empty test set(.|\n)*k=1: preference pairs need at least 2"):
-        pipeline.load_profile("cpu", {"k": 1, "fol_test": 0, "gsm8k_test": 0})
+        profiles.load_profile("cpu", {"k": 1, "fol_test": 0, "gsm8k_test": 0})
     with pytest.raises(SystemExit, match="pair_strategy must be one of"):
-        pipeline.load_profile("cpu", {"pair_strategy": "best"})
+        profiles.load_profile("cpu", {"pair_strategy": "best"})
     with pytest.raises(SystemExit, match="eval_models"):
-        pipeline.load_profile("cpu", {"eval_models": ["base", "gpt"]})
-    assert pipeline.load_profile("cpu", {"nmax": [10, 20]})["nmax"] == [10, 20]
+        profiles.load_profile("cpu", {"eval_models": ["base", "gpt"]})
+    assert profiles.load_profile("cpu", {"nmax": [10, 20]})["nmax"] == [10, 20]
 
 
 def test_bad_parameters_fail_at_once():
     with pytest.raises(SystemExit, match="unknown parameter 'nmx'"):
-        pipeline.load_profile("smoke", {"nmx": 3})
+        profiles.load_profile("smoke", {"nmx": 3})
     with pytest.raises(SystemExit, match="must be int"):
-        pipeline.load_profile("smoke", {"seed": "zero"})
+        profiles.load_profile("smoke", {"seed": "zero"})
     with pytest.raises(SystemExit, match="no profile 'gpu9'"):
-        pipeline.load_profile("gpu9")
+        profiles.load_profile("gpu9")
 
 
 def test_null_values_bad_run_names_and_pasted_keys_get_one_line_messages(capsys):
     for key in ("k", "concurrency", "seed"):
         with pytest.raises(SystemExit, match=rf"parameter {key} must be int, got null"):
-            pipeline.load_profile("cpu", {key: None})
+            profiles.load_profile("cpu", {key: None})
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(SystemExit, match=r"run_name .* must be letters, digits"):
-            pipeline.load_profile("cpu", {"run_name": bad})
+            profiles.load_profile("cpu", {"run_name": bad})
     with pytest.raises(SystemExit, match=r"run_name '\.\./x' must be"):
         pipeline.main(["--profile", "smoke", "--run-name", "../x"])
     with pytest.raises(SystemExit, match=r"parameter k must be int, got '\[1,'"):
@@ -69,19 +69,19 @@ def test_null_values_bad_run_names_and_pasted_keys_get_one_line_messages(capsys)
     shaped = ("d41d8cd98f00b204e9800998ecf8427e", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "AKIAIOSFODNN7EXAMPLE")
     for value in (secret, "sk_live_" + "x9" * 12, "hf_" + "Ab3" * 10, "my key", "1ABC", "A" * 80, *shaped):
         with pytest.raises(SystemExit, match="NAME of an environment variable") as refused:
-            pipeline.load_profile("cpu", {"teacher_api_key_env": value})
+            profiles.load_profile("cpu", {"teacher_api_key_env": value})
         assert value not in str(refused.value)
-    assert pipeline.load_profile("cpu", {"teacher_api_key_env": "MY_KEY"})["teacher_api_key_env"] == "MY_KEY"
+    assert profiles.load_profile("cpu", {"teacher_api_key_env": "MY_KEY"})["teacher_api_key_env"] == "MY_KEY"
     assert secret not in capsys.readouterr().out
 
 
 def test_notebook_parameters_match_the_profiles():
     import papermill as pm
 
-    params = pipeline.load_profile("cpu")
+    params = profiles.load_profile("cpu")
     import nbformat
 
-    for nb in pipeline.notebooks():
+    for nb in profiles.notebooks():
         declared = pm.inspect_notebook(str(nb))
         assert "run_name" in declared and "seed" in declared
         cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
@@ -92,35 +92,35 @@ def test_notebook_parameters_match_the_profiles():
 
 def test_notebook_profile_applies_only_when_asked(monkeypatch):
     namespace = {"run_name": "cpu", "k": 4, "local": 1}
-    monkeypatch.delenv(pipeline.NOTEBOOK_PROFILE_ENV, raising=False)
-    assert pipeline.notebook_profile(namespace) is None and namespace["k"] == 4
-    monkeypatch.setenv(pipeline.NOTEBOOK_PROFILE_ENV, "smoke")
-    assert pipeline.notebook_profile(namespace) == "smoke"
+    monkeypatch.delenv(profiles.NOTEBOOK_PROFILE_ENV, raising=False)
+    assert profiles.notebook_profile(namespace) is None and namespace["k"] == 4
+    monkeypatch.setenv(profiles.NOTEBOOK_PROFILE_ENV, "smoke")
+    assert profiles.notebook_profile(namespace) == "smoke"
     assert namespace == {"run_name": "smoke", "k": 2, "local": 1}
 
 
 def test_a_recipe_sets_its_values_and_recipe_paper_holds_every_one():
     endpoint = {"teacher_url": "https://api.example.org/v1", "teacher": "big"}
-    paper = pipeline.load_profile("paper", endpoint)
-    assert paper["recipe"] == "paper" and all(paper[k] == v for k, v in pipeline.RECIPES["paper"].items())
-    paper_on_cpu = pipeline.load_profile("cpu", {"recipe": "paper", "k": 4})
-    assert all(paper_on_cpu[k] == v for k, v in pipeline.RECIPES["paper"].items()) and paper_on_cpu["k"] == 4
-    fclib_at_paper_scale = pipeline.load_profile("paper", {**endpoint, "recipe": "fclib"})
-    assert all(fclib_at_paper_scale[k] == v for k, v in pipeline.RECIPES["fclib"].items())
+    paper = profiles.load_profile("paper", endpoint)
+    assert paper["recipe"] == "paper" and all(paper[k] == v for k, v in profiles.RECIPES["paper"].items())
+    paper_on_cpu = profiles.load_profile("cpu", {"recipe": "paper", "k": 4})
+    assert all(paper_on_cpu[k] == v for k, v in profiles.RECIPES["paper"].items()) and paper_on_cpu["k"] == 4
+    fclib_at_paper_scale = profiles.load_profile("paper", {**endpoint, "recipe": "fclib"})
+    assert all(fclib_at_paper_scale[k] == v for k, v in profiles.RECIPES["fclib"].items())
     assert fclib_at_paper_scale["nmax"] == [10, 20]  # the scale stays the profile's
-    cpu = pipeline.load_profile("cpu")
-    assert cpu["recipe"] == "fclib" and all(cpu[k] == v for k, v in pipeline.RECIPES["fclib"].items())
-    assert pipeline.load_profile("cpu", {"loss_type": ["sigmoid"], "loss_weights": [1.0]})  # fclib ablations
+    cpu = profiles.load_profile("cpu")
+    assert cpu["recipe"] == "fclib" and all(cpu[k] == v for k, v in profiles.RECIPES["fclib"].items())
+    assert profiles.load_profile("cpu", {"loss_type": ["sigmoid"], "loss_weights": [1.0]})  # fclib ablations
     with pytest.raises(SystemExit, match=r"recipe paper sets loss_type: \['sigmoid'\], not \['sigmoid', 'sft'\]"):
-        pipeline.load_profile("cpu", {"recipe": "paper", "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 1]})
+        profiles.load_profile("cpu", {"recipe": "paper", "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 1]})
     with pytest.raises(SystemExit, match="recipe must be one of fclib, paper"):
-        pipeline.load_profile("cpu", {"recipe": "mine"})
+        profiles.load_profile("cpu", {"recipe": "mine"})
 
 
 def test_a_local_run_goes_offline_and_a_run_naming_hub_ids_stays_online(monkeypatch):
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
-    cpu = pipeline.load_profile("cpu")
+    cpu = profiles.load_profile("cpu")
     assert pipeline.hub_sources(cpu) == []
     pipeline.go_offline_unless_needed(cpu)
     assert os.environ["HF_HUB_OFFLINE"] == "1" == os.environ["HF_DATASETS_OFFLINE"]
@@ -201,16 +201,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert env_record["python"] == sys.version.split()[0] and env_record["cpu"]["cores"] >= 1
     assert isinstance(env_record["gpus"], list) and re.fullmatch(r"[0-9a-f]{40}", env_record["git"]["commit"])
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings) == {nb.stem for nb in pipeline.notebooks()} and all(t > 0 for t in timings.values())
+    assert set(timings) == {nb.stem for nb in profiles.notebooks()} and all(t > 0 for t in timings.values())
     memory = json.loads((run / "memory.json").read_text())
     assert set(memory) == set(timings) and all(0.1 < gib < 64 for gib in memory.values())
     # progress reaches the terminal: each notebook's start and end, and the notebooks' own output as it runs
     n = len(timings)
-    for i, nb in enumerate(pipeline.notebooks(), 1):
+    for i, nb in enumerate(profiles.notebooks(), 1):
         assert f"[{i}/{n}] {nb.stem}: running" in proc.stderr and f"[{i}/{n}] {nb.stem}: done in" in proc.stderr
     assert "chains (teacher)" in proc.stderr and "[fol] fol-train" in proc.stdout  # a tqdm bar, a transcript
     assert re.search(r"done in \d+ min \d+ s \(peak memory \d+\.\d+ GiB\)", proc.stdout)
-    for nb in pipeline.notebooks():
+    for nb in profiles.notebooks():
         assert (run / "notebooks" / nb.name).is_file()
     assert sweep.unclaimed(run) == []  # every file is some stage's output, so a sweep can copy a stage whole
     train, test = read_problems(run / "problems" / "train.jsonl"), read_problems(run / "problems" / "test.jsonl")
@@ -256,7 +256,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     from publish_notebooks import LIMIT_BYTES, publish
 
     published = publish(run, tmp_path / "published")
-    assert [p.name for p in published] == [nb.with_suffix(".html").name for nb in pipeline.notebooks()]
+    assert [p.name for p in published] == [nb.with_suffix(".html").name for nb in profiles.notebooks()]
     assert sum(p.stat().st_size for p in published) < LIMIT_BYTES
     assert all('class="output_area"' in p.read_text() for p in published)
     report = (run / "report.md").read_text()
@@ -277,8 +277,8 @@ def test_published_notebooks_are_the_executed_ones():
     01-05 from a cpu run, 06 from a sweep."""
     docs = PROJECT_ROOT / "docs" / "notebooks"
     published = sorted(docs.glob("*.html"))
-    every = sorted(pipeline.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-    assert len(every) == len(pipeline.notebooks()) + 1  # the study's five, and notebook 06
+    every = sorted(profiles.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    assert len(every) == len(profiles.notebooks()) + 1  # the study's five, and notebook 06
     assert [p.name for p in published] == [nb.with_suffix(".html").name for nb in every]
     assert not list(docs.glob("*.ipynb")), "notebooks are committed without outputs; executed copies are pages"
     assert sum(p.stat().st_size for p in published) < 3_000_000
@@ -289,7 +289,7 @@ def test_published_notebooks_are_the_executed_ones():
 
 
 def test_the_gpu_check_is_local_and_says_at_once_when_there_is_no_gpu(tmp_path):
-    params = pipeline.load_profile("gpu-check")
+    params = profiles.load_profile("gpu-check")
     assert pipeline.hub_sources(params) == []  # local weights only: the GPU machine may reach no network
     assert (params["quantization"], params["eval_precision"], params["teacher_backend"]) == ("4bit", "bf16", "server")
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "FCLIB_OUTPUTS": str(tmp_path)}
@@ -350,8 +350,8 @@ def test_an_outputs_folder_that_cannot_be_written_is_one_message(tmp_path, monke
 def _a_run(tmp_path, monkeypatch, **overrides):
     """A run folder as the pipeline leaves it after notebooks 01-03 (their results, without running them)."""
     monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path))
-    monkeypatch.delenv(pipeline.NOTEBOOK_PROFILE_ENV, raising=False)
-    params = pipeline.load_profile("smoke", overrides)
+    monkeypatch.delenv(profiles.NOTEBOOK_PROFILE_ENV, raising=False)
+    params = profiles.load_profile("smoke", overrides)
     run = tmp_path / "smoke"
     for folder in ("problems", "chains", "pairs"):
         (run / folder).mkdir(parents=True)
@@ -363,7 +363,7 @@ def test_a_notebook_follows_its_runs_parameters_and_refuses_to_contradict_its_re
     from fclib.profiles import RunParametersError, run_parameters
 
     run, params = _a_run(tmp_path, monkeypatch)
-    defaults = pipeline.notebook_parameters()  # a notebook's cell as it opens in JupyterLab: the cpu profile's
+    defaults = profiles.notebook_parameters()  # a notebook's cell as it opens in JupyterLab: the cpu profile's
     cell = {k: defaults[k] for k in ("seed", "student", "pair_strategy", "use_reference", "max_length")}
     namespace = {"run_name": "smoke", **cell, "other": 1}
     run_parameters(namespace)

@@ -24,7 +24,7 @@ import fclib.tasks.fol
 import fclib.tasks.gsm8k
 import fclib.teacher
 import fclib.train
-from fclib import pipeline
+from fclib import profiles
 from fclib.agent import AgentConfig
 from fclib.settings import Settings, SettingsError
 
@@ -45,7 +45,7 @@ MODULES = [
 ALIASES = {  # (callable, its parameter) -> the run parameter it is; settings classes say it in PARAMETER_NAMES
     ("LocalBackend", "batch_size"): "concurrency",
 }
-SETTINGS = (*pipeline.STAGE_SETTINGS, AgentConfig)
+SETTINGS = (*profiles.STAGE_SETTINGS, AgentConfig)
 NOT_THE_RUN_PARAMETER = {  # same name, another meaning
     ("GenerationSettings", "temperature"): "one request's sampling; the agent sets it from its config",
     ("save_pairs", "run_name"): "a label for the dataset card; empty: the folder's parent",
@@ -82,7 +82,7 @@ def _defaults() -> list[tuple[str, str, object]]:
 
 
 def test_library_defaults_are_the_cpu_profile():
-    cpu = pipeline.load_profile("cpu")
+    cpu = profiles.load_profile("cpu")
     wrong, compared = [], set()
     for owner, run_parameter, default in _defaults():
         if run_parameter not in cpu or (owner, run_parameter) in NOT_THE_RUN_PARAMETER:
@@ -98,8 +98,8 @@ def test_library_defaults_are_the_cpu_profile():
 
 
 def test_notebook_defaults_are_the_cpu_profile():
-    cpu = pipeline.load_profile("cpu")
-    declared = pipeline.notebook_parameters()
+    cpu = profiles.load_profile("cpu")
+    declared = profiles.notebook_parameters()
     wrong = {k: (v, cpu[k]) for k, v in declared.items() if v != cpu[k]}
     assert not wrong, f"notebook default vs cpu profile: {wrong}"
 
@@ -111,7 +111,7 @@ def test_every_alias_names_a_real_parameter(owner, name):
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda c: c.__name__)
 def test_the_cpu_profile_builds_each_stage_settings_at_its_defaults(settings):
-    cpu = pipeline.load_profile("cpu")
+    cpu = profiles.load_profile("cpu")
     built = settings.from_params(cpu, **({"temperature": 0.0} if settings is AgentConfig else {}))
     assert built == settings(), f"{settings.__name__} of the cpu profile differs from its defaults"
     read = set(settings.run_parameters()) & set(cpu)
@@ -121,11 +121,11 @@ def test_the_cpu_profile_builds_each_stage_settings_at_its_defaults(settings):
 
 
 def test_every_run_parameter_is_a_field_of_a_stage_settings():
-    cpu = pipeline.load_profile("cpu")
+    cpu = profiles.load_profile("cpu")
     read = {key for settings in SETTINGS for key in settings.run_parameters()}
-    own = {"run_name", *pipeline.PIPELINE_PARAMETERS}  # the run's name and recipe: the pipeline's own
+    own = {"run_name", *profiles.PIPELINE_PARAMETERS}  # the run's name and recipe: the pipeline's own
     assert set(cpu) - read == own, "run parameters no stage's settings declare"
-    for notebook_parameter in pipeline.notebook_parameters():
+    for notebook_parameter in profiles.notebook_parameters():
         assert notebook_parameter in read | {"run_name"}, notebook_parameter
 
 
@@ -158,7 +158,7 @@ def test_a_bad_value_is_refused_by_the_stage_that_reads_it():
 
 def test_validate_reports_every_fault_of_every_stage_once_and_never_shows_a_key():
     params = {
-        **pipeline.load_profile("cpu"),
+        **profiles.load_profile("cpu"),
         "nmax": 1,
         "k": 1,
         "pair_strategy": "best",
@@ -167,7 +167,7 @@ def test_validate_reports_every_fault_of_every_stage_once_and_never_shows_a_key(
         "max_steps": 0,
         "teacher_api_key_env": "sk-live-abcdef123",
     }
-    wrong = pipeline.validate(params)
+    wrong = profiles.validate(params)
     for message in ("nmax", "k=1", "pair_strategy", "beta", "eval_models", "max_steps", "NAME of an environment"):
         assert sum(message in fault for fault in wrong) == 1, (message, wrong)
     assert not any("sk-live" in fault for fault in wrong)

@@ -41,7 +41,7 @@ def test_grid_names_every_cell_and_orders_by_seed():
 
 def test_stage_keys_change_from_the_first_notebook_whose_inputs_change(tmp_path):
     declared = sweep.declared_parameters()
-    base = yaml.safe_load((sweep.pipeline.PROFILES / "smoke.yaml").read_text())
+    base = yaml.safe_load((sweep.profiles.PROFILES / "smoke.yaml").read_text())
     (tmp_path / "problems").mkdir()
     (tmp_path / "problems" / "train.jsonl").write_text("train\n")
     (tmp_path / "problems" / "test.jsonl").write_text("test\n")
@@ -66,16 +66,16 @@ def test_stage_keys_change_from_the_first_notebook_whose_inputs_change(tmp_path)
 
 
 def test_the_untrained_student_is_evaluated_once_for_runs_with_the_same_test_problems(tmp_path, monkeypatch):
-    from fclib import pipeline
+    from fclib import profiles
 
     monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
     # a finished run of another sweep, with results of three models
-    params = pipeline.load_profile("smoke", {"run_name": "old-s0"})
+    params = profiles.load_profile("smoke", {"run_name": "old-s0"})
     old = tmp_path / "old" / "old-s0"
     (old / "eval").mkdir(parents=True)
     (old / "problems").mkdir()
     (old / "params.yaml").write_text(yaml.safe_dump(params))
-    (old / "timings.json").write_text(json.dumps({nb.stem: 1.0 for nb in pipeline.notebooks()}))
+    (old / "timings.json").write_text(json.dumps({nb.stem: 1.0 for nb in profiles.notebooks()}))
     (old / "problems" / "test.jsonl").write_text("the test problems\n")
     labels = ("base", "dpo", "base+grammar")
     (old / "eval" / "results.jsonl").write_text(
@@ -113,7 +113,7 @@ def test_the_untrained_student_is_evaluated_once_for_runs_with_the_same_test_pro
 
 
 def test_only_runs_the_matching_runs_and_leaves_the_others_for_later(tmp_path, monkeypatch):
-    from fclib import pipeline
+    from fclib import pipeline, profiles
 
     monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
     ran = []
@@ -123,7 +123,7 @@ def test_only_runs_the_matching_runs_and_leaves_the_others_for_later(tmp_path, m
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "params.yaml").write_text(yaml.safe_dump(params))
         timings = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
-        for nb in pipeline.notebooks():
+        for nb in profiles.notebooks():
             if nb.name[:2] >= start and (stop is None or nb.name[:2] <= stop):
                 timings[nb.stem] = 1.0
         (folder / "timings.json").write_text(json.dumps(timings))
@@ -149,7 +149,7 @@ def test_only_runs_the_matching_runs_and_leaves_the_others_for_later(tmp_path, m
 
 
 def test_a_cut_record_is_set_aside_a_cut_run_named_and_a_second_sweep_refused(tmp_path, monkeypatch, caplog):
-    from fclib import pipeline, runs
+    from fclib import profiles, runs
 
     monkeypatch.setenv("FCLIB_OUTPUTS", str(tmp_path / "out"))
     folder = tmp_path / "out" / "grid"
@@ -162,7 +162,7 @@ def test_a_cut_record_is_set_aside_a_cut_run_named_and_a_second_sweep_refused(tm
     (folder / "s0").mkdir()
     (folder / "s0" / "params.yaml").write_text("seed: [0,\n")
     with pytest.raises(SystemExit, match=r"s0/params.yaml is unreadable .*remove .*s0"):
-        sweep.done_notebooks(folder / "s0", pipeline.load_profile("smoke", {"run_name": "s0"}))
+        sweep.done_notebooks(folder / "s0", profiles.load_profile("smoke", {"run_name": "s0"}))
 
     holder = subprocess.Popen(
         [

@@ -1,20 +1,26 @@
-"""Seconds per DPO step: fclib's training stage next to a plain TRL DPOTrainer script.
+"""Seconds per DPO step: fclib's training now, next to fclib at a baseline commit and a plain TRL script.
 
 All arms train the same LoRA adapter (rank 16, all linear layers) on the same preference pairs,
-with the same model and DPOConfig settings, each in its own process so that its peak memory
+with the same model, loss and DPOConfig settings, each in its own process so that its peak memory
 is its own:
 
 - `plain`: a plain TRL script, `DPOTrainer(model, args=DPOConfig(...), peft_config=LoraConfig(...))`;
-- `fclib`: `fclib.train.train(...)`, which scores only completion tokens on CPU as TRL does on CUDA;
+- `baseline`: `fclib.train.train(...)` as it was at `--baseline` (default bd141ea), its code taken
+  from this repository's history (`git archive`) into a temporary folder;
+- `fclib`: `fclib.train.train(...)` at this commit, with its defaults (fp32 on a CPU: exact);
+- `fclib+bf16`: the same with `train_precision='bf16'` (bfloat16 autocast, fp32 weights: inexact,
+  a switch; fast where the CPU computes bfloat16 natively, e.g. AVX512-BF16 or AMX);
 - `fclib+precompute`: the same with `precompute_ref=True` (reference log-probs computed once);
-- `fclib-4bit`: fclib's QLoRA path (4-bit nf4 student, bf16 compute, gradient checkpointing; CUDA only).
+- `fclib-4bit`: fclib's QLoRA path (4-bit nf4 student, bf16 compute, gradient checkpointing): CUDA only,
+  among the default arms only where CUDA is.
 
 The pairs are FOL first-divergence pairs (reference chain chosen, a wrong chain rejected), or
 the pairs of a run with `--pairs outputs/<run>/pairs`. Steps after the first are timed.
 
-    python benchmarks/training.py [--model embedded] [--steps 6] [--batch 2]
+    python benchmarks/training.py [--model embedded] [--steps 6] [--batch 4] [--baseline bd141ea]
 
-The last line is `ratio: <fclib / plain TRL>` in seconds per step.
+The last lines give each fclib arm's speed-up against the baseline, in seconds per step
+(`speed-up fclib+bf16 / baseline: 2.4x`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("plain", "fclib", "fclib+precompute", "fclib-4bit")
+ARMS = ("plain", "baseline", "fclib", "fclib+bf16", "fclib+precompute", "fclib-4bit")
+BASELINE = "bd141ea"  # the commit whose training the speed-up is measured against (issue 31)
 
 
 def make_pairs(folder: Path, problems: int = 24) -> Path:
@@ -118,75 +125,99 @@ def run_arm(arm: str, pairs: str, model: str, steps: int, batch: int) -> dict:
     else:
         from fclib.train import TrainSettings, train
 
-        quantization = "4bit" if arm == "fclib-4bit" else "none"
-        settings = TrainSettings(
-            student=model, quantization=quantization, precompute_ref=arm.endswith("precompute"), **common
-        )
-        train(pairs, out, settings, resume=False, callbacks=[Clock()])
+        options = {
+            "quantization": "4bit" if arm == "fclib-4bit" else "none",
+            "precompute_ref": arm.endswith("precompute"),
+        }
+        if arm == "fclib+bf16":
+            options["precision"] = "bf16"
+        train(pairs, out, TrainSettings(student=model, **options, **common), resume=False, callbacks=[Clock()])
     peak = (
         torch.cuda.max_memory_allocated()
         if torch.cuda.is_available()
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return {"arm": arm, "s_per_step": sum(times[1:]) / max(1, len(times) - 1), "steps": len(times), "peak_bytes": peak}
+    import fclib
+
+    return {
+        "arm": arm,
+        "s_per_step": sum(times[1:]) / max(1, len(times) - 1),
+        "steps": len(times),
+        "peak_bytes": peak,
+        "code": str(Path(fclib.__file__).parent),
+    }
+
+
+def baseline_code(commit: str) -> str:
+    """A temporary folder holding the package `fclib` as it was at `commit` (from this repository's history)."""
+    root = Path(__file__).resolve().parent.parent
+    target = Path(tempfile.mkdtemp(prefix=f"fclib-{commit}-"))
+    archive = subprocess.run(["git", "archive", commit, "fclib"], cwd=root, capture_output=True, check=False)
+    if archive.returncode:
+        raise SystemExit(
+            f"cannot take fclib at {commit} from {root}'s history: {archive.stderr.decode().strip()} "
+            "(a shallow clone lacks it: git fetch --unshallow; or leave the baseline out: --arms plain fclib)"
+        )
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return str(target)
 
 
 def main() -> None:
+    import os
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--pairs", help="a pairs/ folder of a run (default: FOL pairs made here)")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument(
-        "--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (ratios need 'plain' and 'fclib')"
-    )
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step (the cpu profile's train_batch_size)")
+    ap.add_argument("--baseline", default=BASELINE, help="the commit of the 'baseline' arm (default %(default)s)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, help="arms to run (default: all; fclib-4bit only with CUDA)")
+    ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     args = ap.parse_args()
     if args.arm:
         print("RESULT " + json.dumps(run_arm(args.arm, args.pairs, args.model, args.steps, args.batch)))
         return
 
-    pairs = args.pairs or str(make_pairs(Path(tempfile.mkdtemp(prefix="fclib-pairs-"))))
     import torch
+
+    cuda = torch.cuda.is_available()
+    arms = args.arms or [a for a in ARMS if cuda or a != "fclib-4bit"]
+    if "fclib-4bit" in arms and not cuda:
+        raise SystemExit("the arm fclib-4bit (QLoRA) needs a CUDA GPU and none is visible: leave it out of --arms")
+    baseline = baseline_code(args.baseline) if "baseline" in arms else None
+    pairs = args.pairs or str(make_pairs(Path(tempfile.mkdtemp(prefix="fclib-pairs-"))))
 
     from fclib.pairs import load_pairs
 
     n = load_pairs(pairs)["train"].num_rows
-    print(
-        f"model {args.model}, {n} pairs, batch {args.batch}, {args.steps} steps (first one not timed), "
-        f"{'cuda' if torch.cuda.is_available() else f'cpu, {torch.get_num_threads()} threads'}"
-    )
+    device = f"cuda {torch.cuda.get_device_name(0)}" if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"model {args.model}, {n} pairs, batch {args.batch}, {args.steps} steps (first one not timed), {device}")
     results = {}
-    for arm in args.arms:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--arm",
-            arm,
-            "--pairs",
-            pairs,
-            "--model",
-            args.model,
-            "--steps",
-            str(args.steps),
-            "--batch",
-            str(args.batch),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for arm in arms:
+        env = dict(os.environ)
+        if arm == "baseline":  # fclib's code at the baseline commit, first on the path
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
+        cmd = [sys.executable, __file__, "--arm", "fclib" if arm == "baseline" else arm, "--pairs", pairs]
+        cmd += ["--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-        r = results[arm] = json.loads(line[7:])
+        r = results[arm] = {**json.loads(line[7:]), "arm": arm}
+        if arm == "baseline" and not r["code"].startswith(baseline):
+            raise SystemExit(f"the baseline arm ran {r['code']}, not fclib at {args.baseline}")
         print(f"{arm:<18} {r['s_per_step']:7.2f} s/step   peak memory {r['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
-    if "plain" not in results:
-        return
-    base = results["plain"]["s_per_step"]
-    if "fclib-4bit" in results:
-        print(f"QLoRA (4-bit) / plain TRL: {results['fclib-4bit']['s_per_step'] / base:.2f}")
-    if "fclib+precompute" in results:
-        print(f"precomputed reference / plain TRL: {results['fclib+precompute']['s_per_step'] / base:.2f}")
-    if "fclib" in results:
-        print(f"ratio: {results['fclib']['s_per_step'] / base:.2f}")
+    for name, reference in (("plain TRL", "plain"), (f"baseline ({args.baseline})", "baseline")):
+        for arm in (a for a in results if a.startswith("fclib") and reference in results):
+            ratio = results[reference]["s_per_step"] / results[arm]["s_per_step"]
+            print(f"speed-up {arm} / {name}: {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": device, "pairs": n, "batch": args.batch, "steps": args.steps, "arms": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ def load_model(name: str | os.PathLike, dtype: str = "float32", device: str = "a
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(name) == TINY:
-        return tiny_model()
+        model, tokenizer = tiny_model()
+        return model.to(getattr(torch, dtype)), tokenizer
     source = _checked(name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device)
     model.eval()

@@ -3,7 +3,9 @@
     result = train("outputs/cpu/pairs", "outputs/cpu", TrainSettings(student="embedded"))
 
 On CUDA the student loads in 4-bit nf4 (bitsandbytes) with bf16 compute and trains a LoRA
-adapter: QLoRA, as in the paper. On CPU it trains plain LoRA in fp32 (`bf16=False`). The
+adapter: QLoRA, as in the paper. On CPU it trains plain LoRA in fp32 by default; with
+`precision='bf16'` the frozen base is held in bfloat16 and the adapter in fp32 (a switch, not exact:
+less memory, and faster matrix products where the CPU computes bfloat16 natively). The
 reference model is the base with the adapter disabled, one copy in memory; with
 `precompute_ref=True` the reference log-probabilities are computed once before training.
 Checkpoints go to `model/checkpoints/`, and an interrupted training resumes from the last one.
@@ -14,6 +16,8 @@ The adapter, the tokenizer and the exact settings are saved to `model/adapter/`,
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -31,6 +35,7 @@ from safetensors import safe_open
 
 from fclib import checkpoints, runs
 from fclib.fast.completion_scoring import completion_only_scoring
+from fclib.fast.grouped_attention import grouped_kv_attention
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
 from fclib.models import load_model, load_tokenizer, model_fault, resolve_model
 from fclib.pairs import load_pairs, tools_of
@@ -40,6 +45,7 @@ from fclib.settings import Settings
 log = logging.getLogger(__name__)
 
 QUANTIZATION = ("auto", "4bit", "none")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -50,6 +56,7 @@ class TrainSettings(Settings):
         "epochs": "train_epochs",
         "max_steps": "train_max_steps",
         "batch_size": "train_batch_size",
+        "precision": "train_precision",
     }
 
     student: str = "embedded"
@@ -69,18 +76,22 @@ class TrainSettings(Settings):
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"])
     loss_weights: list[float] | None = field(default_factory=lambda: [1.0, 1.0])
     precompute_ref: bool = False
+    precision: str = "auto"  # auto (4-bit: bf16 compute; else fp32) | fp32 | bf16 (the frozen base in bf16: inexact)
     eval_steps: int = 0  # 0: no validation during training
     save_steps: int = 10
     logging_steps: int = 1
     seed: int = 0
     share_prompt_prefix: bool = True  # fclib.fast.prefix_sharing: shared prompt tokens run once (exact)
     completion_only_scoring: bool = True  # fclib.fast.completion_scoring: TRL scores only completions on CPU too
+    grouped_kv_attention: bool = True  # fclib.fast.grouped_attention: key/value heads not copied per query head
     merge_adapter: bool = False  # also save a standalone merged model to model/merged/ (notebook 04)
 
     def faults(self) -> list[str]:
         wrong = []
         if self.quantization not in QUANTIZATION:
             wrong.append(f"quantization must be one of {QUANTIZATION}, not {self.quantization!r}")
+        if self.precision not in TRAIN_PRECISIONS:
+            wrong.append(f"train_precision must be one of {TRAIN_PRECISIONS}, not {self.precision!r}")
         if self.lora_r < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 16:
             wrong.append("lora_r, batch_size and grad_accum must be >= 1, max_length >= 16")
         if self.beta <= 0 or self.learning_rate <= 0:
@@ -113,13 +124,13 @@ def use_4bit(settings: TrainSettings) -> bool:
     return settings.quantization == "auto" and torch.cuda.is_available()
 
 
-def load_base(student: str, four_bit: bool) -> tuple[Any, Any]:
-    """The student (4-bit nf4 with bf16 compute, or fp32) and its tokenizer."""
+def load_base(student: str, four_bit: bool, bf16: bool = False) -> tuple[Any, Any]:
+    """The student (4-bit nf4 with bf16 compute, bf16, or fp32) and its tokenizer."""
     import torch
 
     try:
         if not four_bit:
-            return load_model(student)
+            return load_model(student, dtype="bfloat16" if bf16 else "float32")
         from accelerate import PartialState
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -166,7 +177,7 @@ def check_pairs(data: Any, tokenizer: Any, max_length: int) -> None:
 
 
 def dpo_config(settings: TrainSettings, output_dir: Path, four_bit: bool, has_eval: bool) -> Any:
-    """The DPOConfig of a training; bf16 only where CUDA is."""
+    """The DPOConfig of a training; bf16 autocast only for a 4-bit student (QLoRA)."""
     from trl import DPOConfig
 
     return DPOConfig(
@@ -228,7 +239,7 @@ def make_trainer(
     set_seed(settings.seed)
     four_bit = use_4bit(settings)
     data = load_pairs(pairs_dir)
-    model, tokenizer = load_base(settings.student, four_bit)
+    model, tokenizer = load_base(settings.student, four_bit, bf16=settings.precision == "bf16")
     check_pairs(data, tokenizer, settings.max_length)
     if four_bit:
         from peft import prepare_model_for_kbit_training
@@ -306,9 +317,26 @@ def train(
         return _finish_from(checkpoint, state, pairs_dir, run_folder, settings, mark, main)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
+    info = _train(pairs_dir, run_folder, settings, checkpoint, mark, callbacks)
+    release_memory()  # the trainer is gone: its freed activations go back to the system
+    return info
+
+
+def _train(
+    pairs_dir: str | Path,
+    run_folder: Path,
+    settings: TrainSettings,
+    checkpoint: Path | None,
+    mark: dict[str, Any],
+    callbacks: list | None,
+) -> dict[str, Any]:
+    """Train from `checkpoint` (or afresh) and save the adapter and the log (main process only)."""
     with completion_only_scoring() if settings.completion_only_scoring else nullcontext():
         trainer = make_trainer(pairs_dir, run_folder, settings, callbacks)
-        with shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext():
+        with (
+            shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext(),
+            grouped_kv_attention() if settings.grouped_kv_attention else nullcontext(),
+        ):
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not math.isfinite(result.training_loss):
         raise FloatingPointError(f"the training loss is {result.training_loss}: lower learning_rate or check the pairs")
@@ -331,6 +359,16 @@ def train(
 
     _save(run_folder, info, trainer.state.log_history, trainer.args.to_json_string(), save_adapter)
     return {**info, "main_process": True}
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: training leaves gigabytes of freed activations in glibc's heap, which
+    a notebook's kernel would otherwise keep resident for the cells after it (a no-op without glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        pass
 
 
 def _save(run_folder: Path, info: dict[str, Any], log_history: list, args_json: str, save_adapter: Any) -> None:

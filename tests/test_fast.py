@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fclib.fast import completion_scoring, prefix_sharing
+from fclib.fast import completion_scoring, grouped_attention, prefix_sharing
 
 
 def test_completion_scoring_checks_that_trl_still_reads_what_it_patches(monkeypatch):
@@ -48,15 +48,33 @@ def test_prefix_sharing_checks_the_cache_it_builds_on(monkeypatch):
         prefix_sharing.check(config)
 
 
+def test_grouped_attention_checks_that_transformers_still_reads_its_variable(monkeypatch):
+    import os
+
+    from transformers.integrations import sdpa_attention
+
+    grouped_attention.check()  # the pinned transformers: fine
+    monkeypatch.delenv(grouped_attention.VARIABLE, raising=False)
+    with grouped_attention.grouped_kv_attention():
+        assert os.environ[grouped_attention.VARIABLE] == "1"
+    assert grouped_attention.VARIABLE not in os.environ  # put back as it was
+
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda attention_mask, key, value: False)
+    with pytest.raises(RuntimeError, match="TRANSFORMERS_SDPA_FORCE_GQA, which this transformers no longer reads"):
+        with grouped_attention.grouped_kv_attention():
+            pass
+
+
 def test_every_speed_up_is_a_parameter_on_in_every_profile():
     from fclib import profiles
     from fclib.teacher import TeacherSettings
     from fclib.train import TrainSettings
 
-    for name in ("kv_cache", "share_prompt_prefix", "completion_only_scoring"):
+    training = ("share_prompt_prefix", "completion_only_scoring", "grouped_kv_attention")
+    for name in ("kv_cache", *training):
         for profile in ("smoke", "workshop", "cpu"):
             assert profiles.load_profile(profile)[name] is True
-    for name in ("share_prompt_prefix", "completion_only_scoring"):  # read by training, on by default
+    for name in training:  # read by training, on by default
         assert TrainSettings.run_parameters()[name] == name and getattr(TrainSettings(), name) is True
         assert getattr(TrainSettings.from_params({name: False}), name) is False
     assert TeacherSettings.run_parameters()["kv_cache"] == "kv_cache" and TeacherSettings().kv_cache is True

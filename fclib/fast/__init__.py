@@ -6,6 +6,8 @@
   (parameter `share_prompt_prefix`).
 - `completion_scoring`: in training, TRL scores only the completion tokens on CPU too
   (parameter `completion_only_scoring`).
+- `grouped_attention`: in training, attention reads each key/value head once instead of a copy
+  per query head (parameter `grouped_kv_attention`): less memory.
 
 Each module that patches a library has a `check()` that fails loudly when the pinned version
 no longer has what the patch relies on, rather than letting the patch silently do nothing.

@@ -212,12 +212,21 @@ def main() -> None:
         for arm in (a for a in results if a.startswith("fclib") and reference in results):
             ratio = results[reference]["s_per_step"] / results[arm]["s_per_step"]
             print(f"speed-up {arm} / {name}: {ratio:.2f}x")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"device": device, "pairs": n, "batch": args.batch, "steps": args.steps, "arms": results}, indent=1
-            )
-        )
+    if args.json:  # a record for docs/benchmarks/ (scripts/measured.py): what ran, where and at which commit
+        root = Path(__file__).resolve().parent.parent
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        record = {
+            "commit": commit + ("+changes" if dirty.stdout.strip() else ""),
+            "command": " ".join(["python benchmarks/training.py", *sys.argv[1:]]),
+            "device": device,
+            "pairs": n,
+            "batch": args.batch,
+            "steps": args.steps,
+            "arms": results,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ usage: ./study.sh [--profile NAME] [--run-name NAME] [--from NN] [--to NN] [-p K
 Runs the study's notebooks 01-05 with papermill into outputs/<run_name>/ and writes report.md there.
 The first call sets up .venv (pinned packages, the embedded model: a few minutes).
 
-  --profile NAME   profiles/NAME.yaml: cpu (default, ~21 min on 2 cores), workshop (~10 min),
-                   smoke (seconds, tiny random models), paper (GPU and a teacher endpoint)
+  --profile NAME   profiles/NAME.yaml, measured on 2 cores (README, "Measured"): cpu (default,
+                   13-15 min, 5.2 GiB), workshop (7-10 min, 5.4 GiB), smoke (about 2 min,
+                   tiny random models: checks the plumbing), paper (GPU and a teacher endpoint)
   --run-name NAME  folder under outputs/ (default: the profile's run_name)
   --from NN        start at notebook NN, reusing the run's earlier results
   --to NN          stop after notebook NN

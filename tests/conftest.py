@@ -50,3 +50,11 @@ def gsm8k_dir():
     from fclib.tasks.gsm8k import SHIPPED
 
     return SHIPPED  # shipped with the package: no test depends on anything beside the project
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks under nbval run the study: they belong to the slow tier, which the quick tier
+    (`./test.sh -m "not slow"`) leaves out."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

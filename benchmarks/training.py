@@ -8,8 +8,8 @@ is its own:
 - `baseline`: `fclib.train.train(...)` as it was at `--baseline` (default bd141ea), its code taken
   from this repository's history (`git archive`) into a temporary folder;
 - `fclib`: `fclib.train.train(...)` at this commit, with its defaults (fp32 on a CPU: exact);
-- `fclib+bf16`: the same with `train_precision='bf16'` (bfloat16 autocast, fp32 weights: inexact,
-  a switch; fast where the CPU computes bfloat16 natively, e.g. AVX512-BF16 or AMX);
+- `fclib+bf16`: the same with `train_precision='bf16'` (the frozen base in bfloat16, the adapter in
+  fp32: inexact, a switch; faster matrix products where the CPU computes bfloat16 natively);
 - `fclib+precompute`: the same with `precompute_ref=True` (reference log-probs computed once);
 - `fclib-4bit`: fclib's QLoRA path (4-bit nf4 student, bf16 compute, gradient checkpointing): CUDA only,
   among the default arms only where CUDA is.

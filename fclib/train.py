@@ -37,6 +37,7 @@ from fclib import checkpoints, runs
 from fclib.fast.completion_scoring import completion_only_scoring
 from fclib.fast.grouped_attention import grouped_kv_attention
 from fclib.fast.prefix_sharing import causal_lm, shared_prompt_prefix
+from fclib.fast.recompute import recompute_layers
 from fclib.models import load_model, load_tokenizer, model_fault, resolve_model
 from fclib.pairs import load_pairs, tools_of
 from fclib.runs import TEXT_PROGRESS_ENV
@@ -84,6 +85,7 @@ class TrainSettings(Settings):
     share_prompt_prefix: bool = True  # fclib.fast.prefix_sharing: shared prompt tokens run once (exact)
     completion_only_scoring: bool = True  # fclib.fast.completion_scoring: TRL scores only completions on CPU too
     grouped_kv_attention: bool = True  # fclib.fast.grouped_attention: key/value heads not copied per query head
+    recompute_layers: bool = False  # fclib.fast.recompute: layers rerun in backward, not kept (less memory)
     merge_adapter: bool = False  # also save a standalone merged model to model/merged/ (notebook 04)
 
     def faults(self) -> list[str]:
@@ -336,6 +338,7 @@ def _train(
         with (
             shared_prompt_prefix(trainer.model) if settings.share_prompt_prefix else nullcontext(),
             grouped_kv_attention() if settings.grouped_kv_attention else nullcontext(),
+            recompute_layers(trainer.model) if settings.recompute_layers else nullcontext(),
         ):
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not math.isfinite(result.training_loss):

@@ -65,6 +65,27 @@ def test_grouped_attention_checks_that_transformers_still_reads_its_variable(mon
             pass
 
 
+def test_layer_recomputation_refuses_a_cache_that_changes_in_place(monkeypatch):
+    from transformers import AutoConfig
+    from transformers.cache_utils import DynamicLayer
+
+    from fclib.fast import recompute
+    from fclib.models import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model("tiny"))
+    recompute.check(config)  # the pinned transformers: fine
+
+    def in_place(self, key_states, value_states, *args, **kwargs):  # what a replay could not undo
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.resize_(*key_states.shape[:-2], self.keys.size(-2) + key_states.size(-2), key_states.size(-1))
+        return self.keys, self.values
+
+    monkeypatch.setattr(DynamicLayer, "update", in_place)
+    with pytest.raises(RuntimeError, match="set recompute_layers=false"):
+        recompute.check(config)
+
+
 def test_every_speed_up_is_a_parameter_on_in_every_profile():
     from fclib import profiles
     from fclib.teacher import TeacherSettings

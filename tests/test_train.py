@@ -451,6 +451,48 @@ def test_grouped_kv_attention_gives_the_same_loss_and_gradients_and_keeps_less(p
 
 
 @pytest.mark.slow
+def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(pairs_dir, tmp_path):
+    """Each decoder layer rerun in the backward pass, under prompt-prefix sharing (which hands the shared prefix to
+    the rows through the cache the replay must not write twice): one step's loss and gradients are the same to the
+    last bit, while the forward pass keeps a fraction of the bytes for backward."""
+    from fclib.fast.completion_scoring import completion_only_scoring
+    from fclib.fast.prefix_sharing import shared_prompt_prefix
+    from fclib.fast.recompute import recompute_layers
+    from fclib.train import make_trainer
+
+    results = []
+    for recompute in (False, True):
+        with completion_only_scoring():
+            trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
+            batch = next(iter(trainer.get_train_dataloader()))
+            trainer.model.train()  # as in trainer.train(): layers recompute only in training mode
+            kept, shared = {}, []
+
+            def keep(t, kept=kept):
+                if not isinstance(t, torch.nn.Parameter):
+                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with (
+                shared_prompt_prefix(trainer.model) as sharing,
+                recompute_layers(trainer.model) if recompute else contextlib.nullcontext(),
+            ):
+                original_shared = sharing.shared
+                sharing.shared = lambda *a, f=original_shared, s=shared: s.append(1) or f(*a)
+                with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                    loss = trainer.compute_loss(trainer.model, batch)
+                loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads, sum(kept.values()), len(shared)))
+    (loss_a, grads_a, kept_a, shared_a), (loss_b, grads_b, kept_b, shared_b) = results
+    assert shared_a == shared_b > 0  # prefixes were shared both times
+    assert grads_a and loss_a == loss_b and grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        assert torch.equal(g, grads_b[name]), name
+    assert kept_b < 0.5 * kept_a, (kept_a, kept_b)
+
+
+@pytest.mark.slow
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(pairs_dir, tmp_path):
     from fclib.fast.completion_scoring import completion_only_scoring
     from fclib.fast.prefix_sharing import shared_prompt_prefix

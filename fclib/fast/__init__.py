@@ -8,6 +8,9 @@
   (parameter `completion_only_scoring`).
 - `grouped_attention`: in training, attention reads each key/value head once instead of a copy
   per query head (parameter `grouped_kv_attention`): less memory.
+- `recompute`: in training, each decoder layer reruns in the backward pass instead of keeping its
+  activations, with the cache restored so prefix sharing keeps working (parameter
+  `recompute_layers`): memory for time, not a speed-up; on in the workshop profile.
 
 Each module that patches a library has a `check()` that fails loudly when the pinned version
 no longer has what the patch relies on, rather than letting the patch silently do nothing.

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai._base_client
 import pytest
 
 from fclib.agent import AgentConfig
@@ -121,8 +122,12 @@ def test_api_key_only_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["500", "429", "hang", "close", "malformed", "empty"])
-def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp_path, kind):
+def test_transient_faults_are_retried_and_persistent_ones_recorded(problems, tmp_path, kind, monkeypatch):
     doomed = problems[0].question  # this problem's requests always fail; every other first attempt fails too
+    # the openai client's own backoff (0.5 s doubling) shortened, as backend() shortens fclib's: what is retried
+    # and how often is under test here, not how long the client waits (the Retry-After tests below time that)
+    monkeypatch.setattr(openai._base_client, "INITIAL_RETRY_DELAY", 0.01)
+    monkeypatch.setattr(openai._base_client, "MAX_RETRY_DELAY", 0.05)
     seen = set()
 
     def fault(n, body):

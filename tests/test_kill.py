@@ -180,11 +180,13 @@ def _server_processes() -> set[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"])
-def test_the_served_teacher_dies_with_the_pipeline(tmp_path, sig):
+def test_the_served_teacher_dies_with_the_pipeline(reference, tmp_path, sig):
     """The smoke profile serves its teacher with `transformers serve`: however the pipeline ends, nothing it
-    started (its kernel, the server) lives on holding memory and a port."""
+    started (its kernel, the server) lives on holding memory and a port. Notebook 02 alone, on the reference run's
+    problems, with the teacher served and no chains yet."""
+    shutil.rmtree(_copy(reference, tmp_path) / "smoke" / "chains")
     before = _server_processes()
-    command = [sys.executable, "-m", "fclib.pipeline", "--profile", "smoke", "--to", "02", "-p", "fol_train=3"]
+    command = _command("--from", "02", "--to", "02", "-p", "teacher_backend=server")
     proc = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     started: list[psutil.Process] = []

@@ -301,20 +301,26 @@ def test_held_out_world_sizes_pool_each_alone(tmp_path):
     assert [r["DPO"] for r in compare.ablation_table(results, "fol n10")] == [pytest.approx(0.5)]
 
 
+# the smoke profile made smaller: the teacher in process (the served one is the smoke pipeline's test), fewer problems
+SMALL = {"teacher_backend": "inprocess", "fol_train": 3, "gsm8k_train": 3, "fol_test": 2, "gsm8k_test": 2}
+
+
 @pytest.mark.slow
 def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     """2 seeds x 2 variants that differ from notebook 03 on: each seed's problems and chains are made once."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FCLIB_"))} | {
         "FCLIB_OUTPUTS": str(tmp_path)
     }
-    command = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0-1", "--name", "sw"]
+    (tmp_path / "small.yaml").write_text(f"small: {SMALL}\n")  # one variant: every run made small
+    small = ["--variants", str(tmp_path / "small.yaml")]
+    command = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0-1", "--name", "sw", *small]
     command += ["-p", "max_pairs_per_problem=4,2", "--record", str(tmp_path / "record")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "sw"
     state = json.loads((folder / "sweep.json").read_text())
-    names = ["max_pairs_per_problem-4-s0", "max_pairs_per_problem-2-s0"]
-    names += ["max_pairs_per_problem-4-s1", "max_pairs_per_problem-2-s1"]
+    names = ["max_pairs_per_problem-4_small-s0", "max_pairs_per_problem-2_small-s0"]
+    names += ["max_pairs_per_problem-4_small-s1", "max_pairs_per_problem-2_small-s1"]
     assert [r["name"] for r in state["runs"]] == names and all(r["status"] == "done" for r in state["runs"])
     assert len(state["commit"]) == 40 and state["seeds"] == [0, 1] and state["wall_s"] > 0
     assert state["axes"] == {"max_pairs_per_problem": [4, 2]}
@@ -346,7 +352,7 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     ).read_bytes()
     # notebook 06 ran on the sweep, and the record holds each run's results
     comparison = json.loads((folder / "comparison.json").read_text())
-    assert comparison["runs"] == names and set(comparison["pooled"]) >= {"max_pairs_per_problem-4/fol"}
+    assert comparison["runs"] == names and set(comparison["pooled"]) >= {"max_pairs_per_problem-4_small/fol"}
     assert (folder / "06_compare_runs.ipynb").is_file() and list((folder / "figures").glob("compare_forest_*.png"))
     for name in names:
         assert (tmp_path / "record" / name / "eval" / "metrics.json").is_file()
@@ -366,7 +372,7 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     assert "01_define_tools: running" not in proc.stderr and (last / "eval" / "metrics.json").read_bytes() == metrics
     # another sweep reuses this one's finished runs: an equal run is copied whole, nothing runs
     again = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0", "--name", "sw2", "--no-compare"]
-    again += ["-p", "max_pairs_per_problem=2", "--reuse", str(folder)]
+    again += [*small, "-p", "max_pairs_per_problem=2", "--reuse", str(folder)]
     proc = subprocess.run(again, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     copied = json.loads((tmp_path / "sw2" / "sweep.json").read_text())["runs"][0]
@@ -377,7 +383,8 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     ).read_bytes()
     # a variant that adds the grammar baseline to the evaluation copies 01-04, starts 05 from the results of
     # the run it shares them with, and evaluates only the model those lack
-    (tmp_path / "v.yaml").write_text("grammar: {max_pairs_per_problem: 2, eval_models: [base, dpo, base+grammar]}\n")
+    grammar = {**SMALL, "max_pairs_per_problem": 2, "eval_models": ["base", "dpo", "base+grammar"]}
+    (tmp_path / "v.yaml").write_text(f"grammar: {grammar}\n")
     third = [sys.executable, "-m", "fclib.sweep", "--profile", "smoke", "--seeds", "0", "--name", "sw3", "--no-compare"]
     third += ["--variants", str(tmp_path / "v.yaml"), "--reuse", str(folder)]
     proc = subprocess.run(third, env=env, capture_output=True, text=True, timeout=900)

@@ -182,6 +182,26 @@ def _gpu_memory_used() -> int:
         return 0
 
 
+def import_papermill() -> Any:
+    """papermill, imported without an import-time cost that nothing here uses.
+
+    papermill imports nbformat, nbformat imports jsonschema, and jsonschema's format checkers import
+    `rfc3987_syntax` where it is installed (JupyterLab's jupyter-events asks for it): that module builds
+    a Lark parser as it is imported, 1.6 s on 2 cores, in every pipeline process. nbformat validates
+    notebooks without checking formats, so jsonschema is imported here with that one checker left out;
+    the module stays importable afterwards, and the kernels never import jsonschema.
+    """
+    blocked = "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules
+    if blocked:
+        sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]  # an ImportError, which jsonschema expects
+    try:
+        import papermill
+    finally:
+        if blocked:
+            del sys.modules["rfc3987_syntax"]
+    return papermill
+
+
 def run(params: dict[str, Any], start: str | None = None, stop: str | None = None) -> Path:
     """Execute the notebooks with papermill; returns the run folder.
 
@@ -191,8 +211,7 @@ def run(params: dict[str, Any], start: str | None = None, stop: str | None = Non
     a second run on it is refused. Starting `--from` a later notebook is refused where the
     parameters changed for a notebook it skips whose results the run holds.
     """
-    import papermill as pm
-
+    pm = import_papermill()
     todo = notebooks(start, stop)
     go_offline_unless_needed(params)
     try:
@@ -308,7 +327,15 @@ def main(argv: list[str] | None = None) -> None:
     notebooks(args.start, args.stop)  # a bad --from or --to stops before anything else
     params = load_profile(args.profile, overrides)
     t0 = time.perf_counter()
-    run_folder = run(params, args.start, args.stop)
+    try:
+        run_folder = run(params, args.start, args.stop)
+    except KeyboardInterrupt:  # Ctrl-C: the kernel and any server went with it; what was done is kept
+        print(
+            f"interrupted: run {params['run_name']!r} keeps what its notebooks finished; "
+            "the same command carries on where it stopped",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
     peak = max(runs.read_record_file(run_folder / "memory.json").values(), default=0)
     print(

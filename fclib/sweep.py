@@ -475,8 +475,7 @@ class Sweep:
 
     def compare(self) -> Path:
         """Notebook 06 on this sweep's runs, executed into the sweep folder."""
-        import papermill as pm
-
+        pm = pipeline.import_papermill()
         target = self.folder / COMPARE_NOTEBOOK.name
         pm.execute_notebook(
             str(COMPARE_NOTEBOOK),

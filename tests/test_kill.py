@@ -187,7 +187,8 @@ def test_the_served_teacher_dies_with_the_pipeline(reference, tmp_path, sig):
     shutil.rmtree(_copy(reference, tmp_path) / "smoke" / "chains")
     before = _server_processes()
     command = _command("--from", "02", "--to", "02", "-p", "teacher_backend=server")
-    proc = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     started: list[psutil.Process] = []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -199,10 +200,14 @@ def test_the_served_teacher_dies_with_the_pipeline(reference, tmp_path, sig):
     started = _tree(proc)
     proc.send_signal(sig)
     proc.wait(60)
+    if sig == signal.SIGINT:  # one line saying what to do, not a traceback
+        assert proc.returncode == 130 and (tmp_path / "stderr").read_text().strip().splitlines()[-1].startswith(
+            "interrupted: run 'smoke' keeps what its notebooks finished"
+        )
     gone, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, f"outlived the pipeline ({sig.name}): {[p.cmdline()[:4] for p in alive]}"
     assert not (_server_processes() - before)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    shutil.rmtree(tmp_path / "smoke", ignore_errors=True)
 
 
 def _papermill(notebook: str, outputs: Path, **parameters: object) -> subprocess.CompletedProcess:

@@ -174,6 +174,12 @@ def test_every_notebook_killed_at_several_points_reruns_to_the_same_outputs(refe
         )
 
 
+def _interruptible() -> None:
+    """Ctrl-C as at a terminal: a shell's background job (nohup ... &, some CI runners) starts with SIGINT
+    ignored, which its children inherit, and then Python never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _server_processes() -> set[int]:
     return {p.pid for p in psutil.process_iter(["cmdline"]) if "serve" in (p.info["cmdline"] or [])}
 
@@ -188,7 +194,13 @@ def test_the_served_teacher_dies_with_the_pipeline(reference, tmp_path, sig):
     before = _server_processes()
     command = _command("--from", "02", "--to", "02", "-p", "teacher_backend=server")
     with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            command,
+            env=_env(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=_interruptible,
+        )
     deadline = time.monotonic() + 300
     started: list[psutil.Process] = []
     while time.monotonic() < deadline and proc.poll() is None:

@@ -413,37 +413,52 @@ def test_bf16_training_changes_the_loss_and_gradients_within_bounds(pairs_dir, t
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.9995
 
 
+def _one_step(pairs_dir, tmp_path, contexts, train_mode=False):
+    """One step's loss, its gradients and the bytes its forward pass keeps for backward, on a fresh trainer (tiny
+    model, completion-only scoring, no dropout), computed inside the context managers `contexts(trainer)` gives."""
+    from fclib.fast.completion_scoring import completion_only_scoring
+    from fclib.train import make_trainer
+
+    with completion_only_scoring():
+        trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
+        batch = next(iter(trainer.get_train_dataloader()))
+        if train_mode:
+            trainer.model.train()  # as in trainer.train()
+        kept = {}
+
+        def keep(t):
+            if not isinstance(t, torch.nn.Parameter):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with contextlib.ExitStack() as stack:
+            for context in contexts(trainer):
+                stack.enter_context(context)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = trainer.compute_loss(trainer.model, batch)
+            loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, sum(kept.values())
+
+
 @pytest.mark.slow
 def test_grouped_kv_attention_gives_the_same_loss_and_gradients_and_keeps_less(pairs_dir, tmp_path):
     """With grouped key/value heads read in place (the tiny model has 2 for 4 query heads), one step's loss is the
     same to the last bit and its gradients to rounding, while the forward pass keeps fewer bytes for backward."""
-    from fclib.fast.completion_scoring import completion_only_scoring
     from fclib.fast.grouped_attention import grouped_kv_attention
     from fclib.fast.prefix_sharing import shared_prompt_prefix
-    from fclib.train import make_trainer
 
-    results = []
-    for grouped in (False, True):
-        with completion_only_scoring():
-            trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
-            batch = next(iter(trainer.get_train_dataloader()))
-            kept = {}
-
-            def keep(t, kept=kept):
-                if not isinstance(t, torch.nn.Parameter):
-                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            with (
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = (
+        _one_step(
+            pairs_dir,
+            tmp_path,
+            lambda trainer, grouped=grouped: [
                 shared_prompt_prefix(trainer.model),
                 grouped_kv_attention() if grouped else contextlib.nullcontext(),
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
-            ):
-                loss = trainer.compute_loss(trainer.model, batch)
-            loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.item(), grads, sum(kept.values())))
-    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results
+            ],
+        )
+        for grouped in (False, True)
+    )
     assert grads_a and loss_a == loss_b
     for name, g in grads_a.items():
         assert torch.allclose(g, grads_b[name], atol=1e-6, rtol=1e-5), name
@@ -451,39 +466,27 @@ def test_grouped_kv_attention_gives_the_same_loss_and_gradients_and_keeps_less(p
 
 
 @pytest.mark.slow
-def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(pairs_dir, tmp_path):
+def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(pairs_dir, tmp_path, monkeypatch):
     """Each decoder layer rerun in the backward pass, under prompt-prefix sharing (which hands the shared prefix to
     the rows through the cache the replay must not write twice): one step's loss and gradients are the same to the
     last bit, while the forward pass keeps a fraction of the bytes for backward."""
-    from fclib.fast.completion_scoring import completion_only_scoring
-    from fclib.fast.prefix_sharing import shared_prompt_prefix
+    from fclib.fast.prefix_sharing import PrefixSharing, shared_prompt_prefix
     from fclib.fast.recompute import recompute_layers
-    from fclib.train import make_trainer
 
+    shared = []
+    original_shared = PrefixSharing.shared
+    monkeypatch.setattr(PrefixSharing, "shared", lambda *a: shared.append(1) or original_shared(*a))
     results = []
     for recompute in (False, True):
-        with completion_only_scoring():
-            trainer = make_trainer(pairs_dir, tmp_path, TrainSettings(**{**FAST, "max_steps": 1, "lora_dropout": 0.0}))
-            batch = next(iter(trainer.get_train_dataloader()))
-            trainer.model.train()  # as in trainer.train(): layers recompute only in training mode
-            kept, shared = {}, []
+        shared.clear()
 
-            def keep(t, kept=kept):
-                if not isinstance(t, torch.nn.Parameter):
-                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            with (
-                shared_prompt_prefix(trainer.model) as sharing,
+        def contexts(trainer, recompute=recompute):
+            return [
+                shared_prompt_prefix(trainer.model),
                 recompute_layers(trainer.model) if recompute else contextlib.nullcontext(),
-            ):
-                original_shared = sharing.shared
-                sharing.shared = lambda *a, f=original_shared, s=shared: s.append(1) or f(*a)
-                with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                    loss = trainer.compute_loss(trainer.model, batch)
-                loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.item(), grads, sum(kept.values()), len(shared)))
+            ]
+
+        results.append((*_one_step(pairs_dir, tmp_path, contexts, train_mode=True), len(shared)))
     (loss_a, grads_a, kept_a, shared_a), (loss_b, grads_b, kept_b, shared_b) = results
     assert shared_a == shared_b > 0  # prefixes were shared both times
     assert grads_a and loss_a == loss_b and grads_a.keys() == grads_b.keys()

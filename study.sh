@@ -12,7 +12,7 @@ Runs the study's notebooks 01-05 with papermill into outputs/<run_name>/ and wri
 The first call sets up .venv (pinned packages, the embedded model: a few minutes).
 
   --profile NAME   profiles/NAME.yaml, measured on 2 cores (README, "Measured"): cpu (default,
-                   13-15 min, 5.2 GiB), workshop (7-10 min, 5.4 GiB), smoke (about 2 min,
+                   13-15 min, 5.5 GiB), workshop (7-10 min, 3.5 GiB), smoke (about 2 min,
                    tiny random models: checks the plumbing), paper (GPU and a teacher endpoint)
   --run-name NAME  folder under outputs/ (default: the profile's run_name)
   --from NN        start at notebook NN, reusing the run's earlier results

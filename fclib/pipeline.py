@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_folder = run(params, args.start, args.stop)
     except KeyboardInterrupt:  # Ctrl-C: the kernel and any server went with it; what was done is kept
+        # the notebook client's tasks left pending fail as its kernel goes ("Kernel died"); asyncio would log them,
+        # traceback and all, when they are collected at exit, after the line below: they are the interruption itself
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         print(
             f"interrupted: run {params['run_name']!r} keeps what its notebooks finished; "
             "the same command carries on where it stopped",

@@ -420,3 +420,28 @@ def test_papermill_is_imported_without_the_iri_format_checker_and_still_validate
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok papermill", proc.stderr[-2000:]
+
+
+def test_ctrl_c_ends_with_one_line_even_when_the_notebook_clients_tasks_fail_at_exit(tmp_path):
+    """Ctrl-C stops the notebook client mid-cell; as its kernel goes, a task the client left pending can fail with
+    "Kernel died" and asyncio logs it when it is collected at exit. Here the run fails such a task and keeps it
+    referenced from the interrupted frame, as the client's does: the last line is still the pipeline's own."""
+    code = """
+import asyncio, sys
+from fclib import pipeline
+
+def run(params, start=None, stop=None):
+    async def dies():
+        raise RuntimeError("Kernel died")
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(dies())
+    loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; nobody retrieves its exception
+    raise KeyboardInterrupt
+
+pipeline.run = run
+pipeline.main(["--profile", "smoke", "-p", "run_name=interrupted"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("interrupted: run 'interrupted' keeps what"), done.stderr
+    assert "Traceback" not in done.stderr and "never retrieved" not in done.stderr

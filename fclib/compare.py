@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fclib.runs import PROJECT_ROOT
+from fclib.runs import PROJECT_ROOT, read_jsonl
+from fclib.tasks.fol import faithful
 
+OUTCOMES = "eval/outcomes.json"  # each model's outcome on each held-out problem: what a sweep's record keeps
 RECORDED_SWEEP = PROJECT_ROOT / "docs" / "sweeps" / "cpu-seeds"  # the cpu default over seeds 0-4, as run here
 MODELS = ("base", "dpo")
 COLUMNS = {  # metrics.json field: column name
@@ -54,6 +56,7 @@ class RunResult:
     metrics: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)  # the run's entry in sweep.json (wall_s, reused), if any
+    outcomes: dict[str, Any] = field(default_factory=dict)  # problem_outcomes: {} where the run kept none
 
     @property
     def wall_s(self) -> float:
@@ -89,6 +92,12 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
             continue
         params = yaml.safe_load((path / "params.yaml").read_text()) if (path / "params.yaml").is_file() else {}
         timings = json.loads((path / "timings.json").read_text()) if (path / "timings.json").is_file() else {}
+        if (path / OUTCOMES).is_file():
+            outcomes = json.loads((path / OUTCOMES).read_text())
+        elif (path / "eval" / "results.jsonl").is_file():
+            outcomes = problem_outcomes(path / "eval" / "results.jsonl")
+        else:
+            outcomes = {}
         found.append(
             RunResult(
                 name=path.name,
@@ -98,11 +107,59 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
                 metrics=json.loads((path / "eval" / "metrics.json").read_text()),
                 timings=timings,
                 sweep=entry,
+                outcomes=outcomes,
             )
         )
     if not found:
         raise FileNotFoundError(f"no finished run (eval/metrics.json) in {where}")
     return found
+
+
+def problem_outcomes(results_file: Path) -> dict[str, Any]:
+    """Each model's outcome on each held-out problem (its first sample) from a run's `eval/results.jsonl`, and the
+    FOL problems each model solved with a faithful chain: what a sweep's record keeps (`eval/outcomes.json`), so
+    that the models of two runs can be compared problem by problem (`cross_table`) from committed files."""
+    outcomes: dict[str, dict[str, dict[str, str]]] = {}
+    kept: dict[str, list[str]] = {}
+    for r in read_jsonl(results_file):
+        if r["sample"]:
+            continue
+        outcomes.setdefault(r["source"], {}).setdefault(r["task"], {})[r["problem_id"]] = r["outcome"]
+        if r["task"] == "fol" and r["outcome"] == "correct" and faithful(r["calls"]):
+            kept.setdefault(r["source"], []).append(r["problem_id"])
+    ordered = {m: {t: dict(sorted(x.items())) for t, x in sorted(by.items())} for m, by in sorted(outcomes.items())}
+    return {"outcomes": ordered, "faithful": {m: sorted(ids) for m, ids in sorted(kept.items())}}
+
+
+def cross_table(
+    first: RunResult, first_model: str, second: RunResult, second_model: str, task: str = "fol"
+) -> dict[str, int]:
+    """The 2x2 table of two models of two runs on the same held-out problems (say the SFT control's student
+    and the recipe's, one seed): `both`, `base_only` (the first model alone solved it), `other_only` (the
+    second alone), `neither`. Runs evaluated on different problems are not paired: an error."""
+    name, nmax = split_task(task)
+    found = []
+    for run, model in ((first, first_model), (second, second_model)):
+        x = run.outcomes.get("outcomes", {}).get(model, {}).get(name)
+        if x is None:
+            raise ValueError(f"run {run.name} keeps no outcomes of {model} on {name} ({OUTCOMES})")
+        found.append({k: v for k, v in x.items() if nmax is None or f"-n{nmax}-" in k})
+    a, b = found
+    if set(a) != set(b):
+        raise ValueError(f"runs {first.name} and {second.name} were evaluated on different {task} problems")
+    table = {"both": 0, "base_only": 0, "other_only": 0, "neither": 0}
+    for pid in a:
+        x, y = a[pid] == "correct", b[pid] == "correct"
+        table["both" if x and y else "base_only" if x else "other_only" if y else "neither"] += 1
+    return table
+
+
+def mcnemar_p(table: dict[str, int]) -> float:
+    """Exact two-sided McNemar p-value of one 2x2 table (the discordant problems, Binomial(n, 1/2))."""
+    from scipy.stats import binomtest
+
+    b, c = table["base_only"], table["other_only"]
+    return float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
 
 
 def seed_table(results: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -191,12 +248,20 @@ def pooled_effect(
     """Two models (`pair`: base and DPO unless given) over the runs, one a seed, on `task`: the exact
     stratified test, the random-effects mean difference with its Hartung-Knapp interval, and a
     hierarchical bootstrap interval. The counts are named for base (the first) and DPO (the second)."""
+    tables = [x["table"] for r in results if (x := paired(r, task, pair)) is not None]
+    if not tables:
+        raise ValueError(f"no run compares {pair[0]} and {pair[1]} on {task}")
+    return pooled_tables(tables, task, list(pair), bootstrap, seed)
+
+
+def pooled_tables(
+    tables: Sequence[dict[str, int]], task: str, models: list[str], bootstrap: int = 10000, seed: int = 0
+) -> dict[str, Any]:
+    """`pooled_effect` on the 2x2 tables themselves (one a seed: `both`, `base_only` for the first model alone,
+    `other_only` for the second alone, `neither`), wherever they come from (`cross_table`: two runs' models)."""
     from scipy.stats import binomtest, t
 
-    tables = [x["table"] for r in results if (x := paired(r, task, pair)) is not None]
     k = len(tables)
-    if k == 0:
-        raise ValueError(f"no run compares {pair[0]} and {pair[1]} on {task}")
     b = sum(x["base_only"] for x in tables)
     c = sum(x["other_only"] for x in tables)
     p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
@@ -227,7 +292,7 @@ def pooled_effect(
         boots[i] = np.mean(diffs)
     return {
         "task": task,
-        "models": list(pair),
+        "models": models,
         "seeds": k,
         "n": int(sum(sum(x.values()) for x in tables)),
         "base_correct": int(sum(x["both"] + x["base_only"] for x in tables)),

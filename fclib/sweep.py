@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from fclib import pipeline, profiles, runs
+from fclib import compare, pipeline, profiles, runs
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +370,10 @@ class Sweep:
                 dest = self.record / run.name / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
+        results = self.folder / run.name / "eval" / "results.jsonl"
+        if results.is_file():  # each problem's outcome, not the chains: two runs' models compared problem by problem
+            outcomes = compare.problem_outcomes(results)
+            runs.write_json(self.record / run.name / compare.OUTCOMES, outcomes)
 
     def run_all(self, only: list[str] | None = None) -> list[str]:
         """Run every run not yet finished, in order; returns the names of those that failed.

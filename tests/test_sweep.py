@@ -356,6 +356,11 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     assert (folder / "06_compare_runs.ipynb").is_file() and list((folder / "figures").glob("compare_forest_*.png"))
     for name in names:
         assert (tmp_path / "record" / name / "eval" / "metrics.json").is_file()
+        kept = json.loads((tmp_path / "record" / name / compare.OUTCOMES).read_text())  # each problem's outcome
+        assert kept == compare.problem_outcomes(folder / name / "eval" / "results.jsonl") and set(kept["outcomes"]) == {
+            "base",
+            "dpo",
+        }
     assert json.loads((tmp_path / "record" / "sweep.json").read_text())["runs"] == state["runs"]
 
     # resumed: a run that lost its last notebook runs that notebook again, and nothing else runs
@@ -410,3 +415,66 @@ def test_a_smoke_sweep_reuses_shared_stages_resumes_and_compares(tmp_path):
     # another grid under the same name is refused, not mixed in
     proc = subprocess.run([*command[:-4], "-p", "beta=0.3"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "holds another sweep" in proc.stderr
+
+
+def test_two_runs_models_compare_problem_by_problem_from_their_recorded_outcomes(tmp_path):
+    """A record keeps each model's outcome per held-out problem (eval/outcomes.json, not the chains): the students
+    of two runs of one seed (say the SFT control's and the recipe's) are then paired on the same problems."""
+    from fclib.tasks.fol import faithful
+
+    ids = [f"fol-test-n{6 if i < 6 else 10}-d1-{i:05d}" for i in range(10)]
+    ok = [{"kind": "ok", "name": "truth_values", "arguments": {"predicate": "red"}, "result": [True, False]}]
+    ok += [{"kind": "ok", "name": "answer", "arguments": {"value": [True, False]}, "result": None}]
+    copied_wrong = [*ok[:1], {"kind": "ok", "name": "answer", "arguments": {"value": [True]}, "result": None}]
+    assert faithful(ok) and not faithful(copied_wrong)
+
+    def results(folder, solved, unfaithful=()):
+        rows = [
+            {"source": "dpo", "task": "fol", "problem_id": pid, "sample": s}
+            | {"outcome": "correct" if pid in solved and not s else "max_steps"}
+            | {"calls": copied_wrong if pid in unfaithful else ok}
+            for pid in ids
+            for s in (0, 1)  # a second sample: not counted
+        ]
+        rows.append({"source": "base", "task": "gsm8k", "problem_id": "g", "sample": 0, "outcome": "correct"})
+        (folder / "eval").mkdir(parents=True)
+        (folder / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "eval" / "metrics.json").write_text("{}")
+        return folder
+
+    sft = results(tmp_path / "sft-only-s0", solved={ids[0], ids[1], ids[7]})
+    recipe = results(tmp_path / "default-s0", solved={ids[1], ids[2], ids[3], ids[8]}, unfaithful={ids[2]})
+    outcomes = compare.problem_outcomes(recipe / "eval" / "results.jsonl")
+    assert outcomes["faithful"] == {"dpo": sorted([ids[1], ids[3], ids[8]])}
+    assert outcomes["outcomes"]["base"] == {"gsm8k": {"g": "correct"}}
+    assert (
+        list(outcomes["outcomes"]["dpo"]["fol"]) == sorted(ids)
+        and outcomes["outcomes"]["dpo"]["fol"][ids[2]] == "correct"
+    )
+
+    a, b = compare.load_runs([sft, recipe])
+    assert compare.cross_table(a, "dpo", b, "dpo") == {"both": 1, "base_only": 2, "other_only": 3, "neither": 4}
+    assert compare.cross_table(a, "dpo", b, "dpo", "fol n10") == {
+        "both": 0,
+        "base_only": 1,
+        "other_only": 1,
+        "neither": 2,
+    }
+    assert compare.mcnemar_p({"both": 5, "base_only": 0, "other_only": 6, "neither": 1}) == pytest.approx(2 / 2**6)
+    pooled = compare.pooled_tables([compare.cross_table(a, "dpo", b, "dpo")] * 2, "fol", ["sft-only", "default"])
+    assert (pooled["base_only"], pooled["dpo_only"], pooled["n"]) == (4, 6, 20)
+    # what a record keeps is enough: the same tables from eval/outcomes.json without the results
+    for run in (sft, recipe):
+        kept = compare.problem_outcomes(run / "eval" / "results.jsonl")
+        (run / "eval" / "results.jsonl").unlink()
+        (run / compare.OUTCOMES).write_text(json.dumps(kept))
+    a2, b2 = compare.load_runs([sft, recipe])
+    assert compare.cross_table(a2, "dpo", b2, "dpo") == compare.cross_table(a, "dpo", b, "dpo")
+    with pytest.raises(ValueError, match="keeps no outcomes of teacher"):
+        compare.cross_table(a2, "teacher", b2, "dpo")
+    other = results(tmp_path / "other-s0", solved=set())
+    (other / "eval" / "results.jsonl").write_text(
+        (other / "eval" / "results.jsonl").read_text().replace("-00009", "-00099")
+    )
+    with pytest.raises(ValueError, match="evaluated on different fol problems"):
+        compare.cross_table(a2, "dpo", compare.load_runs([other])[0], "dpo")

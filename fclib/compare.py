@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,17 @@ class RunResult:
     metrics: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     sweep: dict[str, Any] = field(default_factory=dict)  # the run's entry in sweep.json (wall_s, reused), if any
-    outcomes: dict[str, Any] = field(default_factory=dict)  # problem_outcomes: {} where the run kept none
+    folder: Path | None = None  # the run's folder, where its per-problem outcomes are read when asked for
+
+    @cached_property
+    def outcomes(self) -> dict[str, Any]:
+        """`problem_outcomes` of the run: its record's `eval/outcomes.json`, else made from its `eval/results.jsonl`
+        (read only when a comparison asks for it); {} where the run kept neither."""
+        if self.folder is not None and (self.folder / OUTCOMES).is_file():
+            return json.loads((self.folder / OUTCOMES).read_text())
+        if self.folder is not None and (self.folder / "eval" / "results.jsonl").is_file():
+            return problem_outcomes(self.folder / "eval" / "results.jsonl")
+        return {}
 
     @property
     def wall_s(self) -> float:
@@ -92,12 +103,6 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
             continue
         params = yaml.safe_load((path / "params.yaml").read_text()) if (path / "params.yaml").is_file() else {}
         timings = json.loads((path / "timings.json").read_text()) if (path / "timings.json").is_file() else {}
-        if (path / OUTCOMES).is_file():
-            outcomes = json.loads((path / OUTCOMES).read_text())
-        elif (path / "eval" / "results.jsonl").is_file():
-            outcomes = problem_outcomes(path / "eval" / "results.jsonl")
-        else:
-            outcomes = {}
         found.append(
             RunResult(
                 name=path.name,
@@ -107,7 +112,7 @@ def load_runs(where: str | Path | Sequence[str | Path]) -> list[RunResult]:
                 metrics=json.loads((path / "eval" / "metrics.json").read_text()),
                 timings=timings,
                 sweep=entry,
-                outcomes=outcomes,
+                folder=path,
             )
         )
     if not found:
@@ -259,12 +264,12 @@ def pooled_tables(
 ) -> dict[str, Any]:
     """`pooled_effect` on the 2x2 tables themselves (one a seed: `both`, `base_only` for the first model alone,
     `other_only` for the second alone, `neither`), wherever they come from (`cross_table`: two runs' models)."""
-    from scipy.stats import binomtest, t
+    from scipy.stats import t
 
     k = len(tables)
     b = sum(x["base_only"] for x in tables)
     c = sum(x["other_only"] for x in tables)
-    p_value = float(binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
+    p_value = mcnemar_p({"base_only": b, "other_only": c})  # stratified: the discordant problems of all seeds
     raw, var = (np.array(v) for v in zip(*(_seed_difference(x) for x in tables)))
     w = 1 / var
     fixed = float(np.sum(w * raw) / np.sum(w))

@@ -51,15 +51,18 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
-def controls(folder: Path, task: str = "fol") -> tuple[list[str], list[int], dict]:
-    """The control table's rows for `task` over the seeds every variant has finished, with the sweep's record."""
+def finished(folder: Path) -> tuple[dict, dict[str, dict[int, compare.RunResult]], list[int]]:
+    """The sweep's record, its finished runs by variant and seed, and the seeds every variant has finished."""
     record = json.loads((folder / "sweep.json").read_text())
-    results = compare.load_runs(folder)
-    by = {v: {r.seed: r for r in group} for v, group in compare.by_variant(results).items()}
-    planned = sorted(record["seeds"])
-    seeds = [s for s in planned if all(s in by.get(v, {}) for v in ROWS)]
+    by = {v: {r.seed: r for r in group} for v, group in compare.by_variant(compare.load_runs(folder)).items()}
+    seeds = [s for s in sorted(record["seeds"]) if all(s in by.get(v, {}) for v in ROWS)]
     if not seeds:
         raise SystemExit(f"{folder}: no seed has finished every variant of {', '.join(ROWS)}")
+    return record, by, seeds
+
+
+def controls(by: dict[str, dict[int, compare.RunResult]], seeds: list[int], task: str = "fol") -> list[str]:
+    """The control table's rows for `task` over `seeds` (`finished`'s runs)."""
     head = "| student | solved | per seed | minus base (95% CI over seeds) | p, vs base | seeds p < 0.05 | valid calls "
     head += f"| against {ROWS[CONTROL]} (p) |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
@@ -93,21 +96,19 @@ def controls(folder: Path, task: str = "fol") -> tuple[list[str], list[int], dic
             + (f", below base on {fell} seed{'s' * (fell != 1)}" if fell else "")
             + f" | {against} |"
         )
-    return lines, seeds, record
+    return lines
 
 
 def seeds_block(root: Path = ROOT, task: str = "fol") -> str:
     """docs/results.md's table of the controls: each seed's count and valid-call rate per row, and p against base."""
-    folder = root / CONTROLS
-    _, seeds, _ = controls(folder, task)
-    by = {(r.variant, r.seed): r for r in compare.load_runs(folder)}
+    _, by, seeds = finished(root / CONTROLS)
     head = "| seed | base | " + " | ".join(ROWS.values()) + " |"
     lines = [head, "|---" * (len(ROWS) + 2) + "|"]
     for seed in seeds:
-        base = by[("default", seed)].metrics["models"]["base"][task]
+        base = by["default"][seed].metrics["models"]["base"][task]
         cells = [f"{base['correct']}/{base['n']}, {_pct(base['valid_call_rate'])} valid"]
         for variant in ROWS:
-            run = by[(variant, seed)]
+            run = by[variant][seed]
             x = run.metrics["models"]["dpo"][task]
             p = compare.mcnemar_p(compare.paired(run, task)["table"])
             cells.append(f"**{x['correct']}**/{x['n']} (p {_p(p)}), {_pct(x['valid_call_rate'])} valid")
@@ -116,9 +117,9 @@ def seeds_block(root: Path = ROOT, task: str = "fol") -> str:
 
 
 def block(root: Path = ROOT) -> str:
-    folder = root / CONTROLS
-    lines, seeds, record = controls(folder)
-    per_seed = sorted({r.metrics["models"]["base"]["fol"]["n"] for r in compare.load_runs(folder) if r.seed in seeds})
+    record, by, seeds = finished(root / CONTROLS)
+    lines = controls(by, seeds)
+    per_seed = sorted({by["default"][s].metrics["models"]["base"]["fol"]["n"] for s in seeds})
     planned = sorted(record["seeds"])
     partial = "" if seeds == planned else f" (seeds {_seeds(planned)} planned; the others not finished yet)"
     command = (
